@@ -1,0 +1,226 @@
+"""The ``volseg`` command: argument parsing, logging and progress set-up, calls into the API.
+
+Nothing here does work of its own; every command maps onto one API function. A
+:class:`~volseg_dask.errors.VolsegError` becomes one line on stderr and exit code 1 (``--debug``
+shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import VolsegError
+
+log = logging.getLogger("volseg_dask.cli")
+
+
+class _State:
+    def __init__(self, verbose: int, quiet: bool, debug: bool) -> None:
+        self.verbose, self.quiet, self.debug = verbose, quiet, debug
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet and sys.stderr.isatty() and os.environ.get("CI") != "true"
+
+
+class _Group(click.Group):
+    """Turns our errors into one clear line and a non-zero exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VolsegError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("volseg_dask")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="volseg")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only; no progress bars.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """Segment large 3D volumes with 2D networks trained on small labelled regions.
+
+    \b
+    volseg convert  raw.h5:/data raw.zarr
+    volseg train    raw.zarr labels.zarr -o model.pt
+    volseg predict  big.zarr model.pt -o seg.zarr
+    volseg evaluate seg.zarr/labels truth.zarr
+    volseg export   seg.zarr/labels seg.tif
+    volseg demo
+    """
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    _setup_logging(verbose, quiet)
+    ctx.obj = _State(verbose, quiet, debug)
+
+
+def _chunks(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give one size (128) or three (64,128,128)") from None
+    if len(parts) not in (1, 3) or min(parts) < 1:
+        raise click.BadParameter(f"{value!r}: give one size (128) or three (64,128,128), all positive")
+    return parts * 3 if len(parts) == 1 else parts
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--chunks", default="128", show_default=True, help="Zarr chunk shape: N or Z,Y,X.")
+@click.option("--codec", default="zstd", show_default=True,
+              type=click.Choice(["zstd", "lz4", "lz4hc", "zlib", "blosclz"]), help="Blosc compressor.")
+@click.option("--clevel", default=5, show_default=True, type=click.IntRange(0, 9), help="Compression level.")
+@click.option("--overwrite", is_flag=True, help="Replace DST once the new array is complete.")
+@click.pass_obj
+def convert(state: _State, src: str, dst: Path, chunks: str, codec: str, clevel: int, overwrite: bool) -> None:
+    """Convert a volume (TIFF, TIFF folder, HDF5 file.h5:/key, NPY, MRC, Zarr) to Zarr v3."""
+    from .io import convert as api
+
+    out = api(src, dst, chunks=_chunks(chunks) or (128,) * 3, codec=codec, clevel=clevel, overwrite=overwrite,
+              progress=state.progress)
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--compression", default=None, help="TIFF: zlib/zstd/lzw; HDF5: gzip/lzf. Default none.")
+@click.option("--overwrite", is_flag=True, help="Replace DST once the new file is complete.")
+@click.pass_obj
+def export(state: _State, src: str, dst: str, compression: str | None, overwrite: bool) -> None:
+    """Export a volume to .tif, .h5[:key], .npy, or a folder of TIFF slices (DST without suffix)."""
+    from .io import export as api
+
+    out = api(src, dst, overwrite=overwrite, compression=compression, progress=state.progress)
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(path: str, as_json: bool) -> None:
+    """Shape, dtype, chunks, codec, size on disk and value range (on a sample) of a volume."""
+    from .io import volume_info
+
+    details = volume_info(path)
+    if as_json:
+        click.echo(json.dumps(details, indent=2))
+        return
+    width = max(len(k) for k in details)
+    for key, value in details.items():
+        if isinstance(value, int) and key.endswith("_bytes"):
+            value = f"{value:,} ({value / 2**20:.1f} MiB)"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command("demo-data")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--shape", default="256", show_default=True, help="Volume shape: N or Z,Y,X.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Scene seed.")
+@click.option("--chunks", default=128, show_default=True, type=click.IntRange(8), help="Zarr chunk edge.")
+@click.option("--overwrite", is_flag=True, help="Replace existing image.zarr / labels.zarr.")
+@click.pass_obj
+def demo_data(state: _State, out: Path, shape: str, seed: int, chunks: int, overwrite: bool) -> None:
+    """Write a synthetic SXCT-like volume (sand, brine, gas) and its labels to OUT/{image,labels}.zarr."""
+    from .synthetic import write_demo_data
+
+    image, labels = write_demo_data(out, _chunks(shape) or 256, seed, chunks=chunks, overwrite=overwrite,
+                                    progress=state.progress)
+    click.echo(f"wrote {image} and {labels}")
+
+
+@cli.command()
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for every demo output.")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(32), help="Edge of the volume.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Scene seed.")
+@click.pass_obj
+def demo(state: _State, out: Path, size: int, seed: int) -> None:
+    """Run the whole flow on the built-in synthetic CT volume."""
+    from .demo import run_demo
+
+    run_demo(out, size=size, seed=seed, progress=state.progress, echo=click.echo)
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Write, show and check settings files."""
+
+
+@config.command("write-defaults")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def config_write_defaults(file: Path, overwrite: bool) -> None:
+    """Write every setting with its default and a comment to FILE (YAML)."""
+    from .config import Settings
+    from .store import check_output_path
+
+    check_output_path(file, overwrite)
+    Settings().save(file)
+    click.echo(f"wrote {file}")
+
+
+@config.command("show")
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+def config_show(file: Path | None) -> None:
+    """Print the effective settings (FILE merged over the defaults), validated."""
+    from .config import load_settings
+
+    click.echo(load_settings(file).to_yaml())
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+def config_check(file: Path) -> None:
+    """Validate FILE; print 'ok' or the first problem."""
+    from .config import load_settings
+
+    load_settings(file)
+    click.echo(f"{file}: ok")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``volseg`` console script."""
+    cli.main(args=argv, prog_name="volseg")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,258 @@
+"""The life cycle of the Zarr outputs: creation, provenance, completeness, atomic finish, locks.
+
+Every array this package writes carries an attribute ``volseg_dask`` holding its provenance and a
+``complete`` flag. The flag turns true only once every block is written; readers
+(:func:`volseg_dask.io.open_volume`, merge, evaluate, export) refuse an array whose flag is false.
+Outputs written in one go (convert, export) are built under a hidden temporary name and renamed
+into place at the end, so a crash leaves nothing at the destination. Outputs built over many tasks
+(predict) are written in place and resumed from their done-record instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from . import __version__
+from .errors import (
+    IncompleteOutputError,
+    OutputExistsError,
+    OutputLockedError,
+    VolsegError,
+    WriteFailedError,
+)
+
+log = logging.getLogger(__name__)
+
+ATTR = "volseg_dask"
+"""Name of the Zarr attribute holding provenance and the ``complete`` flag."""
+
+LOCK_NAME = ".volseg.lock"
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """Provenance record: package and library versions, host, time, plus ``extra``."""
+    import dask
+
+    record: dict[str, Any] = {
+        "version": __version__,
+        "created": now(),
+        "host": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "libraries": {"dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__},
+    }
+    record.update(extra)
+    return json.loads(json.dumps(record, default=str))
+
+
+def blosc(codec: Any = "zstd", clevel: int = 5, itemsize: int = 1) -> BloscCodec:
+    """A Blosc codec: byte shuffle for multi-byte types (a no-op for one byte)."""
+    return BloscCodec(cname=codec, clevel=clevel, shuffle="shuffle" if itemsize > 1 else "noshuffle")
+
+
+def create_array(
+    store: str | Path | zarr.Group,
+    *,
+    name: str | None = None,
+    shape: Sequence[int],
+    dtype: Any,
+    chunks: Sequence[int],
+    codec: str = "zstd",
+    clevel: int = 5,
+    dimension_names: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create a Zarr v3 array marked incomplete, with a Blosc codec and ``attrs`` under ``ATTR``."""
+    dtype = np.dtype(dtype)
+    meta = {ATTR: {**(attrs or {}), "complete": False}}
+    kwargs: dict[str, Any] = dict(
+        shape=tuple(int(s) for s in shape),
+        dtype=dtype,
+        chunks=tuple(int(c) for c in chunks),
+        compressors=[blosc(codec, clevel, dtype.itemsize)],
+        fill_value=0,
+        attributes=meta,
+        dimension_names=tuple(dimension_names) if dimension_names else None,
+        overwrite=overwrite,
+    )
+    if isinstance(store, zarr.Group):
+        return store.create_array(name=name, **kwargs)  # type: ignore[arg-type]
+    return zarr.create_array(store=str(store), name=name, zarr_format=3, **kwargs)
+
+
+def set_status(node: zarr.Array | zarr.Group, **fields: Any) -> None:
+    """Update fields of the ``volseg_dask`` attribute (e.g. ``complete=True``)."""
+    record = {**(status(node) or {}), **fields}
+    node.attrs[ATTR] = json.loads(json.dumps(record, default=str))
+
+
+def mark_complete(node: zarr.Array | zarr.Group, **fields: Any) -> None:
+    """Flag an array or group as fully written (the last write of any output)."""
+    set_status(node, complete=True, finished=now(), **fields)
+
+
+def status(node: zarr.Array | zarr.Group) -> dict[str, Any] | None:
+    """The ``volseg_dask`` attribute of a node, or None for arrays written by other tools."""
+    value = node.attrs.get(ATTR)
+    return dict(value) if isinstance(value, Mapping) else None
+
+
+def require_complete(node: zarr.Array | zarr.Group, path: str | Path) -> None:
+    """Raise IncompleteOutputError when ``node`` was written by us and not finished."""
+    st = status(node)
+    if st is None or st.get("complete", True):
+        return
+    done = st.get("blocks_done")
+    total = st.get("blocks_total")
+    detail = f" ({done} of {total} blocks written)" if done is not None and total else ""
+    fix = st.get("resume_hint") or "rerun the command that wrote it with the same settings to finish it"
+    raise IncompleteOutputError(f"{path}: this output is incomplete{detail}; {fix}")
+
+
+def check_output_path(dst: Path, overwrite: bool) -> None:
+    """Refuse an existing output (unless ``overwrite``) or an unwritable parent, before any work."""
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise OutputExistsError(
+            f"{dst}: already exists; choose another output path or pass --overwrite "
+            "(the old output is replaced only after the new one is complete)"
+        )
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise WriteFailedError(f"{dst}: the output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WriteFailedError(f"{dst}: the output folder {parent} is not writable; choose a writable location")
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or folder if present, never raising."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build an output under a hidden temporary name; move it to ``dst`` only on success.
+
+    Yields the temporary path. On any exception the temporary output is removed and ``dst`` is
+    untouched; an ``OSError`` (disk full, permission) becomes a :class:`WriteFailedError`.
+    """
+    dst = Path(dst)
+    check_output_path(dst, overwrite)
+    tmp = dst.with_name(f".{dst.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+    except VolsegError:
+        remove_path(tmp)
+        raise
+    except OSError as exc:
+        remove_path(tmp)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = "free some disk space" if exc.errno == errno.ENOSPC else "check the location and permissions"
+        raise WriteFailedError(
+            f"{dst}: writing failed ({reason}); the partial output was removed and nothing was left at "
+            f"{dst}; {hint} and run again"
+        ) from exc
+    except BaseException:
+        remove_path(tmp)
+        raise
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            remove_path(tmp)
+            raise OutputExistsError(f"{dst}: appeared while this output was being written; not replaced")
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        remove_path(old)
+    else:
+        os.replace(tmp, dst)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """An exclusive lock file inside an output folder, with stale-lock detection.
+
+    The file holds the owner's host and pid. A lock left by a dead process on this host is taken
+    over (with a warning); a live owner, or one on another host, makes :meth:`acquire` raise
+    :class:`OutputLockedError`.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self._held = False
+
+    def acquire(self) -> OutputLock:
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": now()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:  # being written by its owner right now, or empty: look again
+                    continue
+                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                    log.warning("removing a stale lock %s left by pid %s", self.path, owner.get("pid"))
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                raise OutputLockedError(
+                    f"{self.path.parent}: in use by another run (pid {owner.get('pid')} on "
+                    f"{owner.get('host')} since {owner.get('since')}); wait for it to finish, or if it "
+                    f"is dead, delete {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self._held = True
+            return self
+        raise OutputLockedError(f"{self.path.parent}: could not take the lock {self.path}; try again")
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            text = self.path.read_text()
+            return dict(json.loads(text)) if text.strip() else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self._held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._held = False
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
