@@ -1,0 +1,127 @@
+"""Helpers shared by the benchmark scripts: machine description, peak memory, results files.
+
+Peak memory is measured by running the measured step in a child process and polling the resident
+set size of that process and all its children (``psutil``) every 20 ms, plus the kernel's own
+high-water mark (``ru_maxrss`` of the children) as a cross-check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """Cores, RAM, CPU model, Python, torch threads and GPU presence of this machine."""
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` plus machine and command line to ``results/<name>.json``; return the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        **payload,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"results written to {path}")
+    return path
+
+
+def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+                 interval: float = 0.02, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``cmd`` as a child process; return wall time, peak RSS of its process tree, exit code, output."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    peak = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        try:
+            parent = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not stop.is_set():
+            try:
+                total = parent.memory_info().rss
+                for child in parent.children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        total += child.memory_info().rss
+                peak = max(peak, total)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        thread.join()
+    wall = time.perf_counter() - start
+    kernel_peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": peak / 2**20,
+        "children_max_rss_mb_so_far": kernel_peak_kb / 1024,
+        "returncode": proc.returncode,
+        "output": output,
+    }
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given columns."""
+    def fmt(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
