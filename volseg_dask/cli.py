@@ -217,6 +217,94 @@ def config_check(file: Path) -> None:
     click.echo(f"{file}: ok")
 
 
+# ---- prediction ---------------------------------------------------------------------------------
+
+
+def _scheduler_options(func: Any) -> Any:
+    func = click.option("--scheduler", "address", default=None, metavar="ADDRESS",
+                        help="Run on an existing dask scheduler (tcp://host:8786).")(func)
+    func = click.option("--workers", type=click.IntRange(1), default=None,
+                        help="Start a local dask-distributed cluster of N worker processes.")(func)
+    return func
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output Zarr folder.")
+@click.option("-c", "--config", "config_file", type=click.Path(path_type=Path), help="Settings YAML.")
+@click.option("--axes", help="z, y, x, any combination (zyx), or all12 (3 axes x 4 rotations).")
+@click.option("--merge", "merge_method", type=click.Choice(["max", "mean", "vote"]), help="Vote across axes.")
+@click.option("--chunks", help="Block (= output chunk) shape: N or Z,Y,X.")
+@click.option("--halo", type=int, help="In-plane context around each block (voxels).")
+@click.option("--batch-size", type=int, help="Planes per forward pass.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--fused/--per-axis", default=None, help="All axes in one task; write only labels and extras.")
+@click.option("--tta-flips/--no-tta-flips", default=None, help="Also predict flipped planes.")
+@click.option("--keep-probabilities/--no-keep-probabilities", default=None,
+              help="Keep the per-axis probability arrays after the merge.")
+@click.option("--confidence/--no-confidence", default=None, help="Write the merged confidence.")
+@click.option("--entropy/--no-entropy", default=None, help="Write the per-voxel entropy.")
+@click.option("--disagreement/--no-disagreement", default=None, help="Write how many axes disagree.")
+@click.option("--normalization", type=click.Choice(["model", "recompute"]),
+              help="Reuse the training intensity statistics, or measure this volume.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@_scheduler_options
+@click.pass_obj
+def predict(state: _State, volume: str, model: Path, output: Path, config_file: Path | None, axes: str | None,
+            merge_method: str | None, chunks: str | None, halo: int | None, batch_size: int | None,
+            device: str | None, fused: bool | None, tta_flips: bool | None, keep_probabilities: bool | None,
+            confidence: bool | None, entropy: bool | None, disagreement: bool | None, normalization: str | None,
+            overwrite: bool, workers: int | None, address: str | None) -> None:
+    """Segment VOLUME with MODEL, out-of-core; rerunning an interrupted command resumes it."""
+    from .cluster import dask_scheduler
+    from .config import load_settings
+    from .predict import predict as api
+
+    settings = load_settings(config_file, {
+        "predict.axes": axes, "predict.merge": merge_method, "predict.chunks": _chunks(chunks),
+        "predict.halo": halo, "predict.batch_size": batch_size, "predict.device": device, "predict.fused": fused,
+        "predict.tta_flips": tta_flips, "predict.keep_probabilities": keep_probabilities,
+        "predict.confidence": confidence, "predict.entropy": entropy, "predict.disagreement": disagreement,
+        "predict.normalization": normalization,
+    })
+    with dask_scheduler(workers, address, echo=click.echo):
+        result = api(volume, model, output, settings, overwrite=overwrite, progress=state.progress)
+    click.echo(f"wrote {result.output} ({result.blocks_computed} blocks computed, {result.blocks_skipped} already "
+               f"done; {result.seconds:.1f} s, {result.voxels_per_second / 1e6:.2f} Mvoxel/s)")
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["max", "mean", "vote"]), help="Default: as recorded by predict.")
+@click.option("--confidence/--no-confidence", default=None, help="Write the merged confidence.")
+@click.option("--entropy/--no-entropy", default=None, help="Write the per-voxel entropy.")
+@click.option("--disagreement/--no-disagreement", default=None, help="Write how many axes disagree.")
+@click.option("--keep-probabilities/--no-keep-probabilities", default=True, show_default=True,
+              help="Keep the per-axis probability arrays.")
+@_scheduler_options
+@click.pass_obj
+def merge(state: _State, output: Path, method: str | None, confidence: bool | None, entropy: bool | None,
+          disagreement: bool | None, keep_probabilities: bool, workers: int | None, address: str | None) -> None:
+    """(Re)merge the per-axis probabilities of a prediction OUTPUT into labels."""
+    from .cluster import dask_scheduler
+    from .merge import merge as api
+
+    flags = {"confidence": confidence, "entropy": entropy, "disagreement": disagreement}
+    outputs = None
+    if any(v is not None for v in flags.values()):
+        import zarr
+
+        from .store import status
+
+        recorded = set((status(zarr.open_group(str(output), mode="r")) or {}).get("outputs", []))
+        outputs = [n for n in ("confidence", "entropy", "disagreement")
+                   if flags[n] or (flags[n] is None and n in recorded)]
+    with dask_scheduler(workers, address, echo=click.echo):
+        api(output, method=method, outputs=outputs, keep_probabilities=keep_probabilities, progress=state.progress)
+    click.echo(f"wrote {output / 'labels'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``volseg`` console script."""
     cli.main(args=argv, prog_name="volseg")

@@ -19,6 +19,7 @@ stored chunks for Zarr and HDF5), so every task reads from disk only what it ret
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -39,7 +40,16 @@ from .progress import compute
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHUNKS", "convert", "export", "open_volume", "split_key", "volume_info"]
+__all__ = [
+    "DEFAULT_CHUNKS",
+    "convert",
+    "export",
+    "mirror_indices",
+    "open_volume",
+    "read_padded",
+    "split_key",
+    "volume_info",
+]
 
 DEFAULT_CHUNKS = (128, 128, 128)
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -525,6 +535,48 @@ def open_volume(
 def volume_voxel_size(path: str | os.PathLike[str]) -> tuple[float, float, float] | None:
     """The voxel size (z, y, x) recorded in the file, where the format has one (MRC, our Zarr)."""
     return _open_reader(path).voxel_size
+
+
+def _reader_cached(path: str) -> _Reader:
+    """A reader for ``path``, kept per process (tasks reopen nothing but the chunks they read)."""
+    file, _ = split_key(path)
+    try:
+        stamp = os.stat(file).st_mtime_ns
+    except OSError:
+        stamp = 0
+    return _cached_reader(path, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_reader(path: str, stamp: int) -> _Reader:
+    return _open_reader(path)
+
+
+def mirror_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Indices ``start:stop`` folded into ``[0, size)`` by mirroring with the edge repeated.
+
+    The same boundary as dask's ``map_overlap(boundary="reflect")`` and numpy's ``symmetric`` pad.
+    """
+    idx = np.arange(start, stop) % (2 * size)
+    return np.where(idx >= size, 2 * size - 1 - idx, idx)
+
+
+def read_padded(path: str | os.PathLike[str], start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
+    """Read ``[start, stop)`` of a volume; parts outside it are mirrored (edge repeated).
+
+    ``start`` may be negative and ``stop`` may pass the shape: a block plus its halo at the
+    border of the volume reads exactly what the whole volume, mirrored, would give there.
+    """
+    reader = _reader_cached(os.fspath(path))
+    lo = [max(0, a) for a in start]
+    hi = [min(n, b) for b, n in zip(stop, reader.shape)]
+    if all(a == c and b == d for a, b, c, d in zip(start, stop, lo, hi)):
+        return reader[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    maps = [mirror_indices(a, b, n) for a, b, n in zip(start, stop, reader.shape)]
+    lo = [int(m.min()) for m in maps]
+    hi = [int(m.max()) + 1 for m in maps]
+    core = reader[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    return core[np.ix_(*(m - a for m, a in zip(maps, lo)))]
 
 
 # ---- info ------------------------------------------------------------------------------------

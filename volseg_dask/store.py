@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 ATTR = "volseg_dask"
 """Name of the Zarr attribute holding provenance and the ``complete`` flag."""
 
-LOCK_NAME = ".volseg.lock"
 
 
 def now() -> str:
@@ -202,15 +201,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 class OutputLock:
-    """An exclusive lock file inside an output folder, with stale-lock detection.
+    """An exclusive lock beside an output (``.NAME.lock`` in its folder), with stale-lock detection.
 
-    The file holds the owner's host and pid. A lock left by a dead process on this host is taken
-    over (with a warning); a live owner, or one on another host, makes :meth:`acquire` raise
-    :class:`OutputLockedError`.
+    The lock lives beside the output, not in it, so it can be taken before the output exists and
+    survives the output being replaced. The file holds the owner's host and pid. A lock left by a
+    dead process on this host is taken over (with a warning); a live owner, or one on another host,
+    makes :meth:`acquire` raise :class:`OutputLockedError`.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, output: str | Path) -> None:
+        output = Path(output)
+        self.output = output
+        self.path = output.with_name(f".{output.name}.lock")
         self._held = False
 
     def acquire(self) -> OutputLock:
@@ -228,7 +230,7 @@ class OutputLock:
                         self.path.unlink()
                     continue
                 raise OutputLockedError(
-                    f"{self.path.parent}: in use by another run (pid {owner.get('pid')} on "
+                    f"{self.output}: in use by another run (pid {owner.get('pid')} on "
                     f"{owner.get('host')} since {owner.get('since')}); wait for it to finish, or if it "
                     f"is dead, delete {self.path}"
                 ) from None
@@ -236,7 +238,7 @@ class OutputLock:
                 json.dump(me, fh)
             self._held = True
             return self
-        raise OutputLockedError(f"{self.path.parent}: could not take the lock {self.path}; try again")
+        raise OutputLockedError(f"{self.output}: could not take the lock {self.path}; try again")
 
     def _owner(self) -> dict[str, Any] | None:
         try:

@@ -1,0 +1,224 @@
+"""Out-of-core prediction: chunked == whole volume, fused == per-axis, resume, refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from volseg_dask.config import Settings
+from volseg_dask.errors import (
+    ConfigError,
+    IncompleteOutputError,
+    OutputExistsError,
+    OutputLockedError,
+    VolumeValueError,
+)
+from volseg_dask.io import open_volume
+from volseg_dask.merge import merge, merge_block, merged_arrays
+from volseg_dask.predict import predict, predict_array
+from volseg_dask.store import OutputLock, status
+from volseg_dask.synthetic import write_demo_data
+
+from .conftest import make_model_file
+
+
+def settings(**predict_options) -> Settings:
+    return Settings().with_overrides({f"predict.{k}": v for k, v in predict_options.items()})
+
+
+@pytest.fixture(scope="module")
+def vol96(tmp_path_factory) -> Path:
+    image, _ = write_demo_data(tmp_path_factory.mktemp("v96"), 96, seed=5, chunks=32)
+    return image
+
+
+@pytest.fixture(scope="module")
+def vol48(tmp_path_factory) -> tuple[Path, Path]:
+    return write_demo_data(tmp_path_factory.mktemp("v48"), 48, seed=3, chunks=16)
+
+
+def probs(out: Path, axis: str) -> np.ndarray:
+    return zarr.open_array(str(out / "probabilities" / axis))[:]
+
+
+def test_chunked_prediction_equals_whole_volume(vol96, trained_model, tmp_path):
+    """Several uneven blocks with a halo covering the network's context give what one block gives."""
+    chunked = predict(vol96, trained_model, tmp_path / "chunked.zarr", settings(chunks=[48, 64, 56], halo=48))
+    whole = predict(vol96, trained_model, tmp_path / "whole.zarr", settings(chunks=[96, 96, 96], halo=48))
+    assert chunked.blocks_computed == 3 * 2 * 2 * 2 and whole.blocks_computed == 3
+    for axis in "zyx":
+        diff = np.abs(probs(chunked.output, axis).astype(int) - probs(whole.output, axis))
+        assert (diff <= 1).mean() >= 0.999, (axis, (diff <= 1).mean(), diff.max())
+    a, b = chunked.labels.compute(), whole.labels.compute()
+    assert (a == b).mean() >= 0.999
+    assert len(np.unique(a)) == 3  # a trained model, not a constant answer
+
+
+def test_map_overlap_path_equals_store_path(vol48, trained_model, tmp_path):
+    s = settings(chunks=[20, 24, 28], halo=8)
+    result = predict(vol48[0], trained_model, tmp_path / "o.zarr", s)
+    vol = open_volume(vol48[0], chunks=(20, 24, 28))
+    for axis in "zyx":
+        lazy = predict_array(vol, trained_model, axis=axis, settings=s)
+        assert isinstance(lazy, da.Array) and lazy.shape == (3, 48, 48, 48)
+        np.testing.assert_array_equal(lazy.compute(), probs(result.output, axis), err_msg=axis)
+
+
+def test_fused_gives_the_per_axis_labels(vol48, trained_model, tmp_path):
+    extras = {"entropy": True, "disagreement": True}
+    per_axis = predict(vol48[0], trained_model, tmp_path / "a.zarr", settings(chunks=[16, 20, 24], halo=8, **extras))
+    fused = predict(vol48[0], trained_model, tmp_path / "f.zarr",
+                    settings(chunks=[16, 20, 24], halo=8, fused=True, **extras))
+    assert not (fused.output / "probabilities").exists()
+    for name in ("labels", "confidence", "entropy", "disagreement"):
+        np.testing.assert_array_equal(open_volume(fused.output / name).compute(),
+                                      open_volume(per_axis.output / name).compute(), err_msg=name)
+
+
+def test_original_label_values_come_back(vol48, tmp_path):
+    model = make_model_file(tmp_path / "m.pt", label_values=(0, 7, 255))
+    result = predict(vol48[0], model, tmp_path / "o.zarr", settings(chunks=[24, 24, 24], halo=8, axes="z"))
+    assert set(np.unique(result.labels.compute())) <= {0, 7, 255}
+
+
+def test_25d_model_and_test_time_augmentation(vol48, tmp_path):
+    model = make_model_file(tmp_path / "m3.pt", n_slices=3)
+    s = settings(chunks=[20, 24, 28], halo=8, axes="all12", tta_flips=True)
+    result = predict(vol48[0], model, tmp_path / "o.zarr", s)
+    vol = open_volume(vol48[0], chunks=(20, 24, 28))
+    np.testing.assert_array_equal(predict_array(vol, model, axis="y", settings=s).compute(), probs(result.output, "y"))
+    assert sorted(p.name for p in (result.output / "probabilities").iterdir() if p.is_dir()) == ["x", "y", "z"]
+
+
+def test_merge_methods_by_hand():
+    # two classes, three axes, one voxel each: probabilities (C, 1, 1, 1) as uint8
+    def p(a, b):
+        return np.array([a, b], np.uint8).reshape(2, 1, 1, 1)
+
+    axes = [p(100, 155), p(250, 5), p(120, 135)]  # axis 1 is the most confident: class 0
+    values = [3, 9]
+    assert merge_block(*axes, method="max", label_values=values)[0].item() == 3
+    # mean: class 0 = (100+250+120)/3 = 156.7 > class 1 = 98.3
+    assert merge_block(*axes, method="mean", label_values=values)[0].item() == 3
+    # vote: axes 0 and 2 say class 1
+    out = merge_block(*axes, method="vote", label_values=values, outputs=("confidence", "disagreement"))
+    assert out[0].item() == 9 and out[2].item() == 1
+    assert out[1].item() == round((155 + 5 + 135) / 3)
+    ent = merge_block(p(128, 127), method="max", label_values=values, outputs=("entropy",))[1].item()
+    assert ent == 255
+
+
+def test_blockwise_merge_equals_whole_arrays():
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (3, 23, 31, 17), dtype=np.uint8) for _ in range(3)]
+    whole = merge_block(*arrays, method="max", label_values=[0, 1, 2], outputs=("confidence", "entropy"))
+    lazy = merged_arrays([da.from_array(a, chunks=(3, 7, 11, 5)) for a in arrays], method="max",
+                         label_values=[0, 1, 2], outputs=("confidence", "entropy"))
+    np.testing.assert_array_equal(lazy.compute(), whole)
+
+
+def test_rerun_refuses_mixing_and_existing(vol48, tiny_model, tmp_path):
+    out = tmp_path / "o.zarr"
+    predict(vol48[0], tiny_model, out, settings(chunks=[24, 24, 24], halo=8, axes="z"))
+    with pytest.raises(OutputExistsError, match="already holds a complete prediction"):
+        predict(vol48[0], tiny_model, out, settings(chunks=[24, 24, 24], halo=8, axes="z"))
+    # an unfinished output made with other settings is not mixed with new blocks
+    group = zarr.open_group(str(out), mode="r+")
+    from volseg_dask.store import set_status
+
+    set_status(group, complete=False)
+    with pytest.raises(OutputExistsError, match="differs in: halo"):
+        predict(vol48[0], tiny_model, out, settings(chunks=[24, 24, 24], halo=12, axes="z"))
+    redo = predict(vol48[0], tiny_model, out, settings(chunks=[24, 24, 24], halo=12, axes="z"), overwrite=True)
+    assert redo.blocks_computed == 8 and status(zarr.open_group(str(out)))["complete"] is True
+
+
+def test_a_second_run_on_the_same_output_is_refused(vol48, tiny_model, tmp_path):
+    out = tmp_path / "o.zarr"
+    with OutputLock(out), pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+        predict(vol48[0], tiny_model, out, settings(chunks=[24, 24, 24], halo=8, axes="z"))
+    assert not out.exists()
+
+
+def test_halo_larger_than_block_and_nan_input(vol48, tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="predict.halo: 40 is larger than the block"):
+        predict(vol48[0], tiny_model, tmp_path / "o.zarr", settings(chunks=[16, 16, 16], halo=40))
+    data = np.random.default_rng(0).random((32, 32, 32), dtype=np.float32)
+    data[20, 5, 5] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    with pytest.raises(VolumeValueError, match="NaN or infinite values in the block"):
+        predict(tmp_path / "nan.npy", tiny_model, tmp_path / "n.zarr", settings(chunks=[16, 16, 16], halo=8))
+    assert status(zarr.open_group(str(tmp_path / "n.zarr")))["complete"] is False
+    with pytest.raises(IncompleteOutputError):
+        open_volume(tmp_path / "n.zarr" / "probabilities" / "z")
+
+
+def test_dropping_probabilities_and_merging_again(vol48, tiny_model, tmp_path):
+    out = predict(vol48[0], tiny_model, tmp_path / "o.zarr", settings(chunks=[24, 24, 24], halo=8)).output
+    first = open_volume(out / "labels").compute()
+    merge(out, method="vote", outputs=("disagreement",))
+    assert status(zarr.open_group(str(out)))["merge"] == "vote"
+    assert open_volume(out / "disagreement").compute().max() <= 3
+    merge(out, method="max", keep_probabilities=False)
+    np.testing.assert_array_equal(open_volume(out / "labels").compute(), first)
+    assert not (out / "probabilities").exists()
+    with pytest.raises(IncompleteOutputError):
+        merge(out)
+
+
+def _run_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "volseg_dask.cli", "-q", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_result(vol48, tiny_model, tmp_path):
+    """A real SIGKILL mid-way; the rerun computes only the missing blocks; the result is identical."""
+    args = ["--chunks", "12", "--halo", "8", "--entropy"]
+    ref = _run_cli("predict", str(vol48[0]), str(tiny_model), "-o", str(tmp_path / "ref.zarr"), *args)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read() if ref.stderr else ""
+    out = tmp_path / "killed.zarr"
+    proc = _run_cli("predict", str(vol48[0]), str(tiny_model), "-o", str(out), *args)
+    done = out / ".volseg" / "done"
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(1 for _ in done.rglob("*.*")) < 40:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = sum(1 for _ in done.rglob("*.*"))
+    total = 3 * 4 ** 3
+    assert 40 <= killed_after < total
+    assert status(zarr.open_group(str(out)))["complete"] is False
+    with pytest.raises(IncompleteOutputError):
+        open_volume(out / "probabilities" / "z")
+    rerun = _run_cli("predict", str(vol48[0]), str(tiny_model), "-o", str(out), *args)
+    assert rerun.wait(timeout=300) == 0
+    message = rerun.stdout.read() if rerun.stdout else ""
+    computed = int(message.split("(")[1].split(" blocks computed")[0])
+    assert computed == total - killed_after, message
+    for name in ("labels", "confidence", "entropy", "probabilities/z", "probabilities/y", "probabilities/x"):
+        np.testing.assert_array_equal(zarr.open_array(str(out / name))[:], zarr.open_array(str(tmp_path / "ref.zarr" /
+                                      name))[:], err_msg=name)
+
+
+@pytest.mark.distributed
+def test_local_cluster_gives_the_threaded_result(vol48, tiny_model, tmp_path):
+    from distributed import Client, LocalCluster
+
+    s = settings(chunks=[16, 24, 24], halo=8)
+    threaded = predict(vol48[0], tiny_model, tmp_path / "t.zarr", s)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        clustered = predict(vol48[0], tiny_model, tmp_path / "c.zarr", s)
+    for name in ("labels", "confidence", "probabilities/x"):
+        np.testing.assert_array_equal(zarr.open_array(str(clustered.output / name))[:],
+                                      zarr.open_array(str(threaded.output / name))[:], err_msg=name)

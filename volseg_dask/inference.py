@@ -1,0 +1,198 @@
+"""The slab function: a block of a volume -> class probabilities along one axis.
+
+A block arrives with its halo (context around it, cropped after inference). Its planes
+perpendicular to the axis go through the network in mini-batches, each padded to the network's
+multiple (reflect) and cropped back; optional test-time variants (rotations by 90°, flips) are
+undone and combined inside the task. Probabilities leave as uint8, ``round(p * 255)``.
+
+The model is loaded once per process (cache keyed by path, file time and device), so dask tasks
+carry only the model file's path. On CUDA the forward pass runs under float16 autocast; on the CPU
+in float32 with ``channels_last`` and ``inference_mode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .device import autocast, select_device
+from .models import model_from_meta, read_model_file
+from .normalize import Normalization, apply
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AXES", "SlabSpec", "get_model", "infer_block", "predict_planes", "set_torch_threads"]
+
+AXES = {"z": 0, "y": 1, "x": 2}
+
+_CACHE: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]] = {}
+_CACHE_LOCK = threading.Lock()
+_THREADS_SET: list[int] = []
+
+
+def set_torch_threads(n: int | None) -> None:
+    """Set torch's intra-op threads for this process, once.
+
+    ``None`` means one torch thread per dask thread: on the local threaded scheduler the cores are
+    divided among its threads; on a ``distributed`` worker torch already follows the
+    ``OMP_NUM_THREADS=1`` its nanny sets, and is left alone.
+    """
+    if _THREADS_SET:
+        return
+    if n is None:
+        try:
+            from distributed import get_worker
+
+            get_worker()
+            _THREADS_SET.append(torch.get_num_threads())
+            return
+        except (ImportError, ValueError):
+            pass
+        import dask
+
+        dask_threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        n = max(1, (os.cpu_count() or 1) // max(1, dask_threads))
+    torch.set_num_threads(n)
+    _THREADS_SET.append(n)
+    log.debug("torch intra-op threads: %d", n)
+
+
+def get_model(path: str | os.PathLike[str], device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of ``path`` on ``device``, loaded once per process and shared by its threads."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime_ns, st.st_size, str(device))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is None:
+            state, meta = read_model_file(p)
+            model = model_from_meta(state, meta, p).to(device)
+            if device.type == "cpu":
+                model = model.to(memory_format=torch.channels_last)
+            hit = (model.eval(), meta)
+            _CACHE.clear()  # one model per process at a time: a new file replaces the old one
+            _CACHE[key] = hit
+            log.debug("loaded model %s on %s", p, device)
+    return hit
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, (h, w)
+
+
+def predict_planes(model: torch.nn.Module, planes: np.ndarray, *, device: torch.device, batch_size: int = 4,
+                   multiple: int = 32, amp: bool = True) -> np.ndarray:
+    """Softmax probabilities (N, C, H, W) float32 of normalised planes (N, channels, H, W)."""
+    out: list[np.ndarray] = []
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    with torch.inference_mode(), autocast(device, amp):
+        for start in range(0, len(planes), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(planes[start:start + batch_size])).to(device)
+            x, (h, w) = _pad_to_multiple(x, multiple)
+            logits = model(x.contiguous(memory_format=memory_format))
+            if logits.shape[-2:] != x.shape[-2:]:
+                raise RuntimeError(f"the network returned {tuple(logits.shape[-2:])} for an input of "
+                                   f"{tuple(x.shape[-2:])}; its architecture does not keep the input size")
+            probs = torch.softmax(logits.float(), dim=1)[..., :h, :w]
+            out.append(probs.cpu().numpy())
+    return np.concatenate(out) if out else np.empty((0, 0, 0, 0), np.float32)
+
+
+@dataclass(frozen=True)
+class SlabSpec:
+    """Everything a task needs besides the block: plain values, cheap to send to workers."""
+
+    model_path: str
+    normalization: Normalization
+    n_slices: int = 1
+    batch_size: int = 4
+    device: str = "auto"
+    amp: bool = True
+    rotations: tuple[int, ...] = (0,)
+    flips: bool = False
+    combine: str = "max"
+    torch_threads: int | None = None
+    multiple: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _variants(spec: SlabSpec) -> list[tuple[int, bool]]:
+    return [(k, f) for k in spec.rotations for f in ((False, True) if spec.flips else (False,))]
+
+
+def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Class probabilities of ``block`` predicted along ``axis``, cropped; uint8 (C, z, y, x).
+
+    Parameters
+    ----------
+    block
+        Raw intensities (z, y, x) including the halo.
+    axis
+        ``"z"``, ``"y"`` or ``"x"``: the network sees planes perpendicular to it.
+    spec
+        Model path, normalisation, batch size, device, test-time variants.
+    crop
+        ``(before, after)`` voxels to remove from each of z, y, x after inference (the halo).
+        Along ``axis`` it must be at least ``(n_slices - 1) / 2`` on each side: those slices are the
+        2.5D context of the outermost planes.
+    """
+    probs = infer_block_float(block, axis, spec, crop)
+    return to_uint8(probs)
+
+
+def to_uint8(probs: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 ``round(p * 255)``."""
+    return np.rint(probs * 255.0).astype(np.uint8)
+
+
+def infer_block_float(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tuple[int, int]]) -> np.ndarray:
+    """As :func:`infer_block`, float32 probabilities (for in-task merging)."""
+    from .merge import combine
+
+    set_torch_threads(spec.torch_threads)
+    device = select_device(spec.device)
+    model, _ = get_model(spec.model_path, device)
+    ax = AXES[axis]
+    half = (spec.n_slices - 1) // 2
+    if crop[ax][0] < half or crop[ax][1] < half:
+        raise ValueError(f"2.5D with {spec.n_slices} slices needs {half} context slices along {axis}")
+    x = apply(block, spec.normalization)
+    x = np.moveaxis(x, ax, 0)  # (n, h, w): planes perpendicular to the axis
+    lo, hi = crop[ax]
+    n = x.shape[0] - lo - hi
+    # the planes to predict (centre slices only), each with its 2.5D neighbours as channels
+    idx = np.arange(lo, lo + n)[:, None] + np.arange(-half, half + 1)[None, :]
+    planes = x[idx]  # (n, n_slices, h, w)
+    results = []
+    for k, flip in _variants(spec):
+        v = np.rot90(planes, k, axes=(2, 3))
+        if flip:
+            v = v[..., ::-1]
+        p = predict_planes(model, v, device=device, batch_size=spec.batch_size, multiple=spec.multiple,
+                           amp=spec.amp)
+        if flip:
+            p = p[..., ::-1]
+        results.append(np.rot90(p, -k, axes=(2, 3)))
+    probs = results[0] if len(results) == 1 else combine(
+        results, "mean" if spec.combine == "vote" else spec.combine, class_axis=1)
+    probs = np.moveaxis(probs, 0, ax + 1)  # (C, z, y, x) with the planes back in place
+    inner = [slice(None)]
+    for d, (a, b) in enumerate(crop):
+        if d == ax:
+            inner.append(slice(None))  # through-plane context was never predicted
+        else:
+            inner.append(slice(a, probs.shape[d + 1] - b))
+    return np.ascontiguousarray(probs[tuple(inner)], dtype=np.float32)

@@ -1,0 +1,479 @@
+"""Out-of-core prediction: per axis, one task per block, stored as per-axis probability Zarr; then merge.
+
+Output layout (``OUT.zarr``, a Zarr v3 group)::
+
+    probabilities/z   (C, Z, Y, X) uint8   one per predicted axis, round(p * 255)
+    probabilities/y
+    probabilities/x
+    labels            (Z, Y, X)            original label values, merged across axes
+    confidence        (Z, Y, X) uint8      merged probability of the chosen class (optional)
+    entropy, disagreement                  optional uncertainty maps
+
+Every array shares one chunk grid (the prediction blocks), so the merge is a pure blockwise pass.
+Each task reads its own block plus halo straight from the input (mirrored at the volume's borders),
+runs the slab function and writes exactly one output chunk, then drops a done-marker; a rerun of
+the same command skips marked blocks (resume after a kill), and refuses to mix in blocks made
+with other settings. Arrays, and the group, are marked complete only when fully written.
+
+``--fused`` runs all axes of a block inside one task (halo in all three dims) and writes only the
+merged outputs: no per-axis probabilities touch the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from . import store
+from .config import PredictSettings, Settings
+from .errors import ConfigError, OutputExistsError, VolsegError, VolumeValueError
+from .inference import AXES, SlabSpec, infer_block, infer_block_float, to_uint8
+from .io import open_volume, read_padded, split_key, volume_voxel_size
+from .merge import merge_block, write_merged
+from .models import read_model_file
+from .normalize import Normalization, compute_normalization
+from .progress import active_client, compute
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Plan", "PredictResult", "plan_prediction", "predict", "predict_array"]
+
+DONE_DIR = ".volseg/done"
+
+
+@dataclass
+class PredictResult:
+    """What :func:`predict` did."""
+
+    output: Path
+    blocks_computed: int
+    blocks_skipped: int
+    seconds: float
+    voxels: int
+    axes: str
+
+    @property
+    def voxels_per_second(self) -> float:
+        return self.voxels / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def labels(self) -> da.Array:
+        """The merged labels, opened lazily."""
+        return open_volume(self.output / "labels")
+
+
+@dataclass
+class Plan:
+    """A validated prediction: inputs, block grid, slab spec and the run key that guards resumes."""
+
+    volume: str
+    model: str
+    output: Path
+    shape: tuple[int, int, int]
+    chunks: tuple[int, int, int]
+    halo: int
+    axes: tuple[str, ...]
+    settings: PredictSettings
+    spec: SlabSpec
+    meta: dict[str, Any]
+    run_key: str = ""
+    key_fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grid(self) -> list[tuple[int, int, int]]:
+        return list(np.ndindex(*(-(-s // c) for s, c in zip(self.shape, self.chunks))))
+
+    def block(self, index: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        return tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.chunks, self.shape))
+
+    @property
+    def classes(self) -> int:
+        return int(self.meta["classes"])
+
+    @property
+    def label_values(self) -> list[int]:
+        return [int(v) for v in self.meta["label_values"]]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        s = self.settings
+        return tuple(name for name, on in (("confidence", s.confidence), ("entropy", s.entropy),
+                                           ("disagreement", s.disagreement)) if on)
+
+
+def _file_digest(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _input_fingerprint(path: str) -> dict[str, Any]:
+    file, key = split_key(path)
+    target = file / (key or "") / "zarr.json" if file.is_dir() and (file / (key or "") / "zarr.json").exists() \
+        else file
+    st = os.stat(target)
+    return {"path": str(Path(path).resolve()) if not key else path, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def _settings_of(settings: Settings | PredictSettings | None) -> PredictSettings:
+    if settings is None:
+        return Settings().predict
+    if isinstance(settings, Settings):
+        return settings.predict
+    return settings
+
+
+def _rotations(axes_setting: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if axes_setting == "all12":
+        return ("z", "y", "x"), (0, 1, 2, 3)
+    return tuple(axes_setting), (0,)
+
+
+def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str],
+                    output: str | os.PathLike[str], settings: Settings | PredictSettings | None = None) -> Plan:
+    """Check every input before any graph is built, and describe the work.
+
+    Raises
+    ------
+    VolsegError
+        Missing or unreadable volume or model, an incomplete input, a model that does not fit the
+        data, a halo larger than the blocks, NaN in the normalisation sample.
+    """
+    ps = _settings_of(settings)
+    vol = open_volume(volume)
+    if vol.dtype.kind not in "biuf":
+        raise VolumeValueError(f"{volume}: dtype {vol.dtype} is not numeric; convert it first")
+    model_path = os.fspath(model)
+    _, meta = read_model_file(model_path)
+    n_slices = int(meta.get("n_slices", meta["in_channels"]))
+    if int(meta["in_channels"]) != n_slices:
+        raise VolsegError(f"{model_path}: the network takes {meta['in_channels']} channels but the model says "
+                          f"{n_slices} slices; multi-channel volumes are not supported")
+    if int(meta["classes"]) != len(meta["label_values"]) or int(meta["classes"]) < 2:
+        raise VolsegError(f"{model_path}: {meta['classes']} classes but label values {meta['label_values']}; the "
+                          "model file is damaged")
+    shape = tuple(int(s) for s in vol.shape)
+    chunks = tuple(min(int(c), s) for c, s in zip(ps.chunks, shape))
+    halo = int(ps.halo)
+    axes, rotations = _rotations(ps.axes)
+    in_plane = set(range(3)) if ps.fused else {d for a in axes for d in range(3) if d != AXES[a]}
+    for d, (c, s) in enumerate(zip(chunks, shape)):
+        if d in in_plane and halo > c and s > c:
+            raise ConfigError(f"predict.halo: {halo} is larger than the block ({c} voxels along "
+                              f"{'zyx'[d]}); use a halo of at most the block size (32-64 is typical) or larger "
+                              "predict.chunks")
+    if ps.normalization == "recompute":
+        norm = compute_normalization(vol, source=os.fspath(volume))
+    else:
+        norm = Normalization.from_dict(meta["normalization"])
+    spec = SlabSpec(
+        model_path=str(Path(model_path).resolve()), normalization=norm, n_slices=n_slices,
+        batch_size=ps.batch_size, device=ps.device, amp=ps.amp, rotations=rotations, flips=ps.tta_flips,
+        combine=ps.merge, torch_threads=ps.torch_threads, multiple=int(meta.get("pad_multiple", 32)),
+    )
+    plan = Plan(os.fspath(volume), model_path, Path(output), shape, chunks, halo, axes,  # type: ignore[arg-type]
+                ps, spec, meta)
+    plan.key_fields = {
+        "input": _input_fingerprint(os.fspath(volume)),
+        "input_shape": list(shape), "input_dtype": str(vol.dtype),
+        "model_sha256": _file_digest(model_path),
+        "chunks": list(chunks), "halo": halo, "axes": ps.axes, "tta_flips": ps.tta_flips,
+        "normalization": norm.to_dict(), "fused": ps.fused,
+        "merge": ps.merge if ps.fused else None,
+    }
+    plan.run_key = hashlib.sha256(json.dumps(plan.key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    return plan
+
+
+# ---- tasks ---------------------------------------------------------------------------------------
+
+
+def _read_block(plan_volume: str, block: tuple[tuple[int, int], ...], pads: Sequence[int]) -> np.ndarray:
+    start = [a - p for (a, _), p in zip(block, pads)]
+    stop = [b + p for (_, b), p in zip(block, pads)]
+    data = read_padded(plan_volume, start, stop)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        where = ", ".join(f"{a}:{b}" for a, b in block)
+        raise VolumeValueError(f"{plan_volume}: NaN or infinite values in the block [{where}]; replace them "
+                               "(e.g. with the background value) and run again")
+    return data
+
+
+def _marker(output: Path, name: str, index: Sequence[int]) -> Path:
+    return output / DONE_DIR / name / ".".join(map(str, index))
+
+
+def _open_out(output: str, name: str) -> zarr.Array:
+    return zarr.open_array(store=output, path=name, mode="r+")
+
+
+def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], block: tuple[tuple[int, int], ...],
+               halo: int, spec: SlabSpec) -> int:
+    marker = _marker(Path(output), f"probabilities-{axis}", index)
+    if marker.exists():
+        return 0
+    ax = AXES[axis]
+    half = (spec.n_slices - 1) // 2
+    pads = [half if d == ax else halo for d in range(3)]
+    data = _read_block(volume, block, pads)
+    probs = infer_block(data, axis, spec, [(p, p) for p in pads])
+    arr = _open_out(output, f"probabilities/{axis}")
+    arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return 1
+
+
+def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...],
+                block: tuple[tuple[int, int], ...], halo: int, spec: SlabSpec, method: str,
+                label_values: list[int], outputs: tuple[str, ...]) -> int:
+    marker = _marker(Path(output), "fused", index)
+    if marker.exists():
+        return 0
+    half = (spec.n_slices - 1) // 2
+    pad = max(halo, half)
+    data = _read_block(volume, block, [pad] * 3)
+    per_axis = []
+    for axis in axes:
+        ax = AXES[axis]
+        # along the axis keep `half` slices of context; in-plane, the same halo as the per-axis path
+        sub = tuple(slice(pad - half, data.shape[d] - pad + half) if d == ax else slice(pad - halo,
+                    data.shape[d] - pad + halo) for d in range(3))
+        crop = [(half, half) if d == ax else (halo, halo) for d in range(3)]
+        per_axis.append(to_uint8(infer_block_float(data[sub], axis, spec, crop)))
+    merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
+    region = tuple(slice(a, b) for a, b in block)
+    for i, name in enumerate(("labels", *outputs)):
+        _open_out(output, name)[region] = merged[i]
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return 1
+
+
+# ---- the verb ------------------------------------------------------------------------------------
+
+
+def _gpu_resources(spec: SlabSpec) -> dict[str, float] | None:
+    """``{"GPU": 1}`` when the active cluster's workers declare GPUs and the model runs on one."""
+    client = active_client()
+    if client is None or spec.device == "cpu":
+        return None
+    workers = client.scheduler_info().get("workers", {}).values()
+    if any("GPU" in (w.get("resources") or {}) for w in workers):
+        return {"GPU": 1}
+    return None
+
+
+def _prepare_output(plan: Plan, overwrite: bool) -> tuple[zarr.Group, bool]:
+    """Create the output group, or reopen it to resume; refuse to mix runs."""
+    out = plan.output
+    if out.exists():
+        group = None
+        with contextlib.suppress(Exception):
+            group = zarr.open_group(str(out), mode="r+")
+        info = store.status(group) if group is not None else None
+        if info is None or info.get("kind") != "prediction":
+            if not overwrite:
+                raise OutputExistsError(f"{out}: already exists and is not a prediction output; choose another "
+                                        "output path or pass --overwrite")
+        elif overwrite:
+            pass
+        elif info.get("complete"):
+            raise OutputExistsError(f"{out}: already holds a complete prediction; pass --overwrite to redo it or "
+                                    "choose another output path")
+        elif info.get("run_key") != plan.run_key:
+            before = info.get("key_fields", {})
+            changed = sorted(k for k in set(before) | set(plan.key_fields) if before.get(k) != plan.key_fields.get(k))
+            raise OutputExistsError(
+                f"{out}: an unfinished prediction with other settings or inputs is there (differs in: "
+                f"{', '.join(changed) or 'unknown'}); rerun with the original settings to finish it, or pass "
+                "--overwrite to start again"
+            )
+        else:
+            log.info("resuming the unfinished prediction in %s", out)
+            return group, True  # type: ignore[return-value]
+        shutil.rmtree(out)
+    else:
+        store.check_output_path(out, overwrite)
+    group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    store.set_status(group, **store.provenance(
+        kind="prediction", complete=False, run_key=plan.run_key, key_fields=plan.key_fields,
+        input=plan.volume, model=str(Path(plan.model).resolve()), axes=list(plan.axes), merge=plan.settings.merge,
+        outputs=list(plan.outputs), label_values=plan.label_values, settings=plan.settings.__dict__,
+        voxel_size=volume_voxel_size(plan.volume), resume_hint="rerun the same `volseg predict` command to finish"))
+    return group, False
+
+
+def _create_arrays(group: zarr.Group, plan: Plan) -> None:
+    attrs = store.provenance(input=plan.volume, model=plan.model, run_key=plan.run_key,
+                             voxel_size=volume_voxel_size(plan.volume),
+                             resume_hint="rerun the same `volseg predict` command to finish")
+    if plan.settings.fused:
+        dtype = np.uint8 if max(plan.label_values) <= 255 else np.uint16
+        for name in ("labels", *plan.outputs):
+            if name not in group:
+                store.create_array(group, name=name, shape=plan.shape, dtype=dtype if name == "labels" else np.uint8,
+                                   chunks=plan.chunks, dimension_names=("z", "y", "x"),
+                                   attrs={**attrs, "kind": name, "merge": plan.settings.merge})
+        return
+    for axis in plan.axes:
+        name = f"probabilities/{axis}"
+        if name not in group:
+            store.create_array(group, name=name, shape=(plan.classes, *plan.shape), dtype=np.uint8,
+                               chunks=(plan.classes, *plan.chunks), codec=plan.settings.probability_codec,
+                               clevel=3 if plan.settings.probability_codec == "zstd" else 5,
+                               dimension_names=("c", "z", "y", "x"),
+                               attrs={**attrs, "kind": "probabilities", "axis": axis,
+                                      "label_values": plan.label_values})
+
+
+def _tasks(plan: Plan) -> list[Any]:
+    vol, out, spec = plan.volume, str(plan.output), plan.spec
+    tasks = []
+    if plan.settings.fused:
+        fused = dask.delayed(_fused_task, pure=False)
+        for index in plan.grid:
+            tasks.append(fused(vol, out, plan.axes, index, plan.block(index), plan.halo, spec, plan.settings.merge,
+                               plan.label_values, plan.outputs,
+                               dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}"))
+        return tasks
+    axis_task = dask.delayed(_axis_task, pure=False)
+    for axis in plan.axes:
+        for index in plan.grid:
+            tasks.append(axis_task(vol, out, axis, index, plan.block(index), plan.halo, spec,
+                                   dask_key_name=f"predict-{axis}-{'.'.join(map(str, index))}-{plan.run_key}"))
+    return tasks
+
+
+def predict(
+    volume: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: Settings | PredictSettings | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> PredictResult:
+    """Segment a volume of any size with a trained model, out-of-core.
+
+    Runs on the active dask scheduler (threads by default; a ``distributed.Client`` when one is
+    active) and never creates a cluster. Peak memory per worker thread is about one block with its
+    halo, its probabilities and the network's activations for one batch.
+
+    Parameters
+    ----------
+    volume
+        Any input :func:`volseg_dask.io.open_volume` reads; Zarr is best (region reads).
+    model
+        A model file written by :func:`volseg_dask.train.train`.
+    output
+        Output folder (``OUT.zarr``). Rerunning the same command on an unfinished output resumes it.
+    settings
+        :class:`Settings` or its ``predict`` section; default settings otherwise.
+    overwrite
+        Replace an existing output.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    PredictResult
+        Output path, blocks computed and skipped, timings; ``.labels`` opens the labels lazily.
+    """
+    t0 = time.perf_counter()
+    plan = plan_prediction(volume, model, output, settings)
+    out = plan.output
+    store.check_output_path(out, overwrite=True)  # the folder must exist and be writable
+    with store.OutputLock(out):
+        group, resumed = _prepare_output(plan, overwrite)
+        _create_arrays(group, plan)
+        resources = _gpu_resources(plan.spec)
+        with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
+            tasks = _tasks(plan)
+        store.set_status(group, blocks_total=len(tasks))
+        log.info("predicting %s %s along %s in %d blocks of %s (halo %d)%s", plan.volume, plan.shape,
+                 "".join(plan.axes), len(plan.grid), plan.chunks, plan.halo, " [fused]" if plan.settings.fused else "")
+        # resources also go to the client directly: graph optimisation may drop annotations
+        counts = compute(*tasks, progress=progress, **({"resources": resources} if resources else {}))
+        computed = int(sum(counts))
+        skipped = len(tasks) - computed
+        if plan.settings.fused:
+            for name in ("labels", *plan.outputs):
+                store.mark_complete(group[name])
+        else:
+            probs = []
+            for axis in plan.axes:
+                node = group[f"probabilities/{axis}"]
+                store.mark_complete(node)
+                probs.append(da.from_zarr(node))
+            write_merged(group, probs, method=plan.settings.merge, label_values=plan.label_values,
+                         outputs=plan.outputs, attrs={"merge": plan.settings.merge, "axes": list(plan.axes),
+                                                      "input": plan.volume, "model": plan.model},
+                         progress=progress)
+            store.set_status(group, axes_done=list(plan.axes))
+            if not plan.settings.keep_probabilities:
+                shutil.rmtree(out / "probabilities", ignore_errors=True)
+                store.set_status(group, probabilities_deleted=True)
+        shutil.rmtree(out / ".volseg", ignore_errors=True)
+        seconds = time.perf_counter() - t0
+        store.mark_complete(group, blocks_done=len(tasks), blocks_computed=computed, blocks_skipped=skipped,
+                            seconds=round(seconds, 2), resumed=resumed)
+    log.info("prediction done: %d blocks computed, %d skipped, %.1f s", computed, skipped, seconds)
+    return PredictResult(out, computed, skipped, seconds, int(np.prod(plan.shape)), "".join(plan.axes))
+
+
+# ---- in-memory / dask-array API -----------------------------------------------------------------
+
+
+def predict_array(volume: da.Array | np.ndarray, model: str | os.PathLike[str], *, axis: str = "z",
+                  settings: Settings | PredictSettings | None = None,
+                  normalization: Normalization | None = None) -> da.Array:
+    """Lazy class probabilities ``(C, z, y, x)`` uint8 of a dask array along one axis (``map_overlap``).
+
+    For notebooks and pipelines that already hold a dask array; :func:`predict` is the path for
+    volumes on disk (it reads each block's halo straight from the store, which holds less memory).
+    The border is mirrored with the edge repeated (dask's ``boundary="reflect"``), exactly as
+    :func:`predict` does, so both give the same probabilities.
+    """
+    if axis not in AXES:
+        raise ConfigError(f"axis: {axis!r} is not one of z, y, x")
+    ps = _settings_of(settings)
+    vol = volume if isinstance(volume, da.Array) else da.from_array(volume, chunks=tuple(ps.chunks))
+    if vol.ndim != 3:
+        raise VolsegError(f"predict_array: expected a 3D array (z, y, x), found shape {vol.shape}")
+    _, meta = read_model_file(model)
+    norm = normalization or Normalization.from_dict(meta["normalization"])
+    n_slices = int(meta.get("n_slices", meta["in_channels"]))
+    half = (n_slices - 1) // 2
+    ax = AXES[axis]
+    depth = {d: (half if d == ax else ps.halo) for d in range(3)}
+    for d, c in enumerate(vol.chunksize):
+        if depth[d] > c and len(vol.chunks[d]) > 1:
+            raise ConfigError(f"predict.halo: {depth[d]} is larger than the chunk ({c}) along {'zyx'[d]}; "
+                              "rechunk to larger chunks or use a smaller halo")
+    spec = SlabSpec(model_path=str(Path(model).resolve()), normalization=norm, n_slices=n_slices,
+                    batch_size=ps.batch_size, device=ps.device, amp=ps.amp, flips=ps.tta_flips,
+                    rotations=_rotations(ps.axes)[1], combine=ps.merge, torch_threads=ps.torch_threads,
+                    multiple=int(meta.get("pad_multiple", 32)))
+    crop = [(depth[d], depth[d]) for d in range(3)]
+    classes = int(meta["classes"])
+    return da.map_overlap(
+        infer_block, vol, axis=axis, spec=spec, crop=crop, depth=depth, boundary="reflect", trim=False,
+        new_axis=0, chunks=((classes,), *vol.chunks), dtype=np.uint8, meta=np.empty((0, 0, 0, 0), np.uint8),
+    )
