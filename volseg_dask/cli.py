@@ -305,6 +305,27 @@ def merge(state: _State, output: Path, method: str | None, confidence: bool | No
     click.echo(f"wrote {output / 'labels'}")
 
 
+@cli.command()
+@click.argument("prediction")
+@click.argument("truth")
+@click.option("--ignore-label", type=int, default=None, help="Truth value left out of the scores.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the scores as JSON to this file ('-' prints JSON instead of the table).")
+@_scheduler_options
+@click.pass_obj
+def evaluate(state: _State, prediction: str, truth: str, ignore_label: int | None, json_path: Path | None,
+             workers: int | None, address: str | None) -> None:
+    """Per-class Dice and IoU of PREDICTION against TRUTH (label volumes), blockwise."""
+    from .cluster import dask_scheduler
+    from .metrics import evaluate as api
+
+    to_stdout = json_path is not None and str(json_path) == "-"
+    with dask_scheduler(workers, address, echo=click.echo):
+        result = api(prediction, truth, ignore_label=ignore_label,
+                     json_path=None if to_stdout else json_path, progress=state.progress)
+    click.echo(json.dumps(result.to_dict(), indent=2) if to_stdout else result.table())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``volseg`` console script."""
     cli.main(args=argv, prog_name="volseg")
