@@ -134,7 +134,10 @@ def _variants(spec: SlabSpec) -> list[tuple[int, bool]]:
 
 
 def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Class probabilities of ``block`` predicted along ``axis``, cropped; uint8 (C, z, y, x).
+    """Class probabilities of ``block`` predicted along ``axis``, cropped; uint8 ``(C, z, y, x)``.
+
+    Planes are normalised, predicted and cropped one batch at a time, straight into the uint8
+    result, so a task holds the raw block, its uint8 probabilities and one batch in float32.
 
     Parameters
     ----------
@@ -147,52 +150,41 @@ def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tup
     crop
         ``(before, after)`` voxels to remove from each of z, y, x after inference (the halo).
         Along ``axis`` it must be at least ``(n_slices - 1) / 2`` on each side: those slices are the
-        2.5D context of the outermost planes.
+        2.5D context of the outermost planes, never predicted themselves.
     """
-    probs = infer_block_float(block, axis, spec, crop)
-    return to_uint8(probs)
+    from .merge import combine
+
+    set_torch_threads(spec.torch_threads)
+    device = select_device(spec.device)
+    model, meta = get_model(spec.model_path, device)
+    ax = AXES[axis]
+    half = (spec.n_slices - 1) // 2
+    if crop[ax][0] < half or crop[ax][1] < half:
+        raise ValueError(f"2.5D with {spec.n_slices} slices needs {half} context slices along {axis}")
+    x = np.moveaxis(block, ax, 0)  # (n, h, w) view: planes perpendicular to the axis
+    (lo, hi), (pa, pb), (qa, qb) = crop[ax], *(crop[d] for d in range(3) if d != ax)
+    n, h, w = x.shape[0] - lo - hi, x.shape[1], x.shape[2]
+    out = np.empty((n, int(meta["classes"]), h - pa - pb, w - qa - qb), np.uint8)
+    offsets = np.arange(-half, half + 1)[None, :]
+    for s in range(0, n, spec.batch_size):
+        centre = np.arange(lo + s, lo + min(s + spec.batch_size, n))[:, None]
+        planes = apply(x[centre + offsets], spec.normalization)  # (b, n_slices, h, w) float32
+        results = []
+        for k, flip in _variants(spec):
+            v = np.rot90(planes, k, axes=(2, 3))
+            if flip:
+                v = v[..., ::-1]
+            p = predict_planes(model, v, device=device, batch_size=spec.batch_size, multiple=spec.multiple,
+                               amp=spec.amp)
+            if flip:
+                p = p[..., ::-1]
+            results.append(np.rot90(p, -k, axes=(2, 3)))
+        probs = results[0] if len(results) == 1 else combine(
+            results, "mean" if spec.combine == "vote" else spec.combine, class_axis=1)
+        out[s:s + len(centre)] = to_uint8(probs[:, :, pa:h - pb, qa:w - qb])
+    return np.ascontiguousarray(np.moveaxis(out, 0, ax + 1))  # (C, z, y, x)
 
 
 def to_uint8(probs: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] -> uint8 ``round(p * 255)``."""
     return np.rint(probs * 255.0).astype(np.uint8)
-
-
-def infer_block_float(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tuple[int, int]]) -> np.ndarray:
-    """As :func:`infer_block`, float32 probabilities (for in-task merging)."""
-    from .merge import combine
-
-    set_torch_threads(spec.torch_threads)
-    device = select_device(spec.device)
-    model, _ = get_model(spec.model_path, device)
-    ax = AXES[axis]
-    half = (spec.n_slices - 1) // 2
-    if crop[ax][0] < half or crop[ax][1] < half:
-        raise ValueError(f"2.5D with {spec.n_slices} slices needs {half} context slices along {axis}")
-    x = apply(block, spec.normalization)
-    x = np.moveaxis(x, ax, 0)  # (n, h, w): planes perpendicular to the axis
-    lo, hi = crop[ax]
-    n = x.shape[0] - lo - hi
-    # the planes to predict (centre slices only), each with its 2.5D neighbours as channels
-    idx = np.arange(lo, lo + n)[:, None] + np.arange(-half, half + 1)[None, :]
-    planes = x[idx]  # (n, n_slices, h, w)
-    results = []
-    for k, flip in _variants(spec):
-        v = np.rot90(planes, k, axes=(2, 3))
-        if flip:
-            v = v[..., ::-1]
-        p = predict_planes(model, v, device=device, batch_size=spec.batch_size, multiple=spec.multiple,
-                           amp=spec.amp)
-        if flip:
-            p = p[..., ::-1]
-        results.append(np.rot90(p, -k, axes=(2, 3)))
-    probs = results[0] if len(results) == 1 else combine(
-        results, "mean" if spec.combine == "vote" else spec.combine, class_axis=1)
-    probs = np.moveaxis(probs, 0, ax + 1)  # (C, z, y, x) with the planes back in place
-    inner = [slice(None)]
-    for d, (a, b) in enumerate(crop):
-        if d == ax:
-            inner.append(slice(None))  # through-plane context was never predicted
-        else:
-            inner.append(slice(a, probs.shape[d + 1] - b))
-    return np.ascontiguousarray(probs[tuple(inner)], dtype=np.float32)

@@ -41,7 +41,7 @@ import zarr
 from . import store
 from .config import PredictSettings, Settings
 from .errors import ConfigError, OutputExistsError, VolsegError, VolumeValueError
-from .inference import AXES, SlabSpec, infer_block, infer_block_float, to_uint8
+from .inference import AXES, SlabSpec, infer_block
 from .io import open_volume, read_padded, split_key, volume_voxel_size
 from .merge import merge_block, write_merged
 from .models import read_model_file
@@ -256,7 +256,7 @@ def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[in
         sub = tuple(slice(pad - half, data.shape[d] - pad + half) if d == ax else slice(pad - halo,
                     data.shape[d] - pad + halo) for d in range(3))
         crop = [(half, half) if d == ax else (halo, halo) for d in range(3)]
-        per_axis.append(to_uint8(infer_block_float(data[sub], axis, spec, crop)))
+        per_axis.append(infer_block(data[sub], axis, spec, crop))
     merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
     region = tuple(slice(a, b) for a, b in block)
     for i, name in enumerate(("labels", *outputs)):
