@@ -86,3 +86,13 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "n_slices": 1, "pad_multiple": pad_multiple(model, settings), "normalization": norm.to_dict(),
     }
     return save_model(tmp_path_factory.mktemp("trained") / "trained.pt", model.eval(), meta)
+
+
+def read_array(path: Path) -> np.ndarray:
+    """The data of a Zarr array, or of level 0 of a multiscale group."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Group):
+        node = node["0"]
+    return node[:]

@@ -8,13 +8,14 @@ import time
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
 
 from volseg_dask.cli import cli
 from volseg_dask.config import Settings
 from volseg_dask.predict import predict
 from volseg_dask.synthetic import write_demo_data
+
+from .conftest import read_array
 
 pytestmark = pytest.mark.distributed
 
@@ -33,8 +34,8 @@ def test_cli_local_cluster_equals_threads(vol, tiny_model, tmp_path):
     assert clustered.exit_code == 0, clustered.output
     assert "dashboard: http" in clustered.output
     for name in ("labels", "probabilities/z", "probabilities/x"):
-        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "c.zarr" / name))[:],
-                                      zarr.open_array(str(tmp_path / "t.zarr" / name))[:], err_msg=name)
+        np.testing.assert_array_equal(read_array(tmp_path / "c.zarr" / name),
+                                      read_array(tmp_path / "t.zarr" / name), err_msg=name)
 
 
 def test_bad_scheduler_address_is_one_clear_line(vol, tiny_model, tmp_path):

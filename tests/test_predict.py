@@ -28,7 +28,7 @@ from volseg_dask.predict import predict, predict_array
 from volseg_dask.store import OutputLock, status
 from volseg_dask.synthetic import write_demo_data
 
-from .conftest import make_model_file
+from .conftest import make_model_file, read_array
 
 
 def settings(**predict_options) -> Settings:
@@ -206,8 +206,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(vol48, tiny_model, 
     computed = int(message.split("(")[1].split(" blocks computed")[0])
     assert computed == total - killed_after, message
     for name in ("labels", "confidence", "entropy", "probabilities/z", "probabilities/y", "probabilities/x"):
-        np.testing.assert_array_equal(zarr.open_array(str(out / name))[:], zarr.open_array(str(tmp_path / "ref.zarr" /
-                                      name))[:], err_msg=name)
+        np.testing.assert_array_equal(read_array(out / name), read_array(tmp_path / "ref.zarr" / name), err_msg=name)
 
 
 @pytest.mark.distributed
@@ -220,5 +219,32 @@ def test_local_cluster_gives_the_threaded_result(vol48, tiny_model, tmp_path):
             Client(cluster):
         clustered = predict(vol48[0], tiny_model, tmp_path / "c.zarr", s)
     for name in ("labels", "confidence", "probabilities/x"):
-        np.testing.assert_array_equal(zarr.open_array(str(clustered.output / name))[:],
-                                      zarr.open_array(str(threaded.output / name))[:], err_msg=name)
+        np.testing.assert_array_equal(read_array(clustered.output / name),
+                                      read_array(threaded.output / name), err_msg=name)
+
+
+def test_outputs_are_ome_zarr_multiscales(tmp_path, tiny_model):
+    """Labels and confidence are NGFF 0.5 pyramids that the ome-zarr package reads back."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    from volseg_dask.ngff import mode_2x2x2
+
+    image, _ = write_demo_data(tmp_path, (72, 80, 96), seed=2, chunks=32)
+    out = predict(image, tiny_model, tmp_path / "o.zarr", settings(chunks=[32, 32, 32], halo=8, axes="z")).output
+    for name, levels in (("labels", 2), ("confidence", 2)):
+        nodes = list(Reader(parse_url(str(out / name)))())
+        assert nodes, name
+        data = nodes[0].data
+        assert len(data) == levels, (name, len(data))
+        assert [tuple(d.shape) for d in data] == [(72, 80, 96), (36, 40, 48)]
+        meta = nodes[0].metadata
+        assert [a["name"] for a in meta["axes"]] == ["z", "y", "x"]
+    labels = read_array(out / "labels")
+    level1 = zarr.open_array(str(out / "labels" / "1"))[:]
+    cubes = labels.reshape(36, 2, 40, 2, 48, 2)
+    np.testing.assert_array_equal(level1, mode_2x2x2(cubes, axis=(1, 3, 5)))
+    # spot-check the mode by hand on one cube
+    cube = labels[:2, :2, :2].ravel()
+    counts = np.bincount(cube)
+    assert counts[level1[0, 0, 0]] == counts.max()

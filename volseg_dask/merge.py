@@ -160,7 +160,8 @@ def merge(
             store.require_complete(node, out / "probabilities" / axis)
             arrays.append(da.from_zarr(node))
         write_merged(group, arrays, method=method, label_values=info["label_values"], outputs=outputs,
-                     attrs={"merge": method, "axes": list(axes)}, progress=progress)
+                     attrs={"merge": method, "axes": list(axes)}, voxel_size=info.get("voxel_size"),
+                     progress=progress)
         store.set_status(group, merge=method, outputs=list(outputs))
         if not keep_probabilities:
             import shutil
@@ -171,19 +172,18 @@ def merge(
 
 
 def write_merged(group: zarr.Group, probs: Sequence[da.Array], *, method: str, label_values: Sequence[int],
-                 outputs: Sequence[str], attrs: dict[str, Any], progress: bool = False) -> None:
-    """Compute the merge blockwise and store labels and extras into ``group``, marked complete at the end."""
+                 outputs: Sequence[str], attrs: dict[str, Any], voxel_size: Sequence[float] | None = None,
+                 progress: bool = False) -> None:
+    """Compute the merge blockwise into ``group`` as OME-Zarr multiscales (labels and extras)."""
+    from .ngff import create_multiscale, finish_multiscale
+
     stacked = merged_arrays(probs, method=method, label_values=label_values, outputs=outputs)
     shape, chunks = stacked.shape[1:], tuple(c[0] for c in stacked.chunks[1:])
-    targets = []
-    for i, name in enumerate(("labels", *outputs)):
-        if name in group:
-            del group[name]
-        dtype = stacked.dtype if i == 0 else np.uint8
-        targets.append(store.create_array(group, name=name, shape=shape, dtype=dtype, chunks=chunks,
-                                          dimension_names=("z", "y", "x"),
-                                          attrs=store.provenance(kind=name, **attrs)))
+    names = ("labels", *outputs)
+    targets = [create_multiscale(group, name, shape=shape, dtype=stacked.dtype if name == "labels" else np.uint8,
+                                 chunks=chunks, attrs=store.provenance(kind=name, **attrs), replace=True)
+               for name in names]
     sources = [stacked[i] if i == 0 else stacked[i].astype(np.uint8) for i in range(len(targets))]
     compute(da.store(sources, targets, lock=False, compute=False), progress=progress)  # type: ignore[arg-type]
-    for target in targets:
-        store.mark_complete(target)
+    for name in names:
+        finish_multiscale(group, name, voxel_size=voxel_size, progress=progress)

@@ -260,7 +260,7 @@ def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[in
     merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
     region = tuple(slice(a, b) for a, b in block)
     for i, name in enumerate(("labels", *outputs)):
-        _open_out(output, name)[region] = merged[i]
+        _open_out(output, f"{name}/0")[region] = merged[i]
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return 1
@@ -325,12 +325,12 @@ def _create_arrays(group: zarr.Group, plan: Plan) -> None:
                              voxel_size=volume_voxel_size(plan.volume),
                              resume_hint="rerun the same `volseg predict` command to finish")
     if plan.settings.fused:
+        from .ngff import create_multiscale
+
         dtype = np.uint8 if max(plan.label_values) <= 255 else np.uint16
         for name in ("labels", *plan.outputs):
-            if name not in group:
-                store.create_array(group, name=name, shape=plan.shape, dtype=dtype if name == "labels" else np.uint8,
-                                   chunks=plan.chunks, dimension_names=("z", "y", "x"),
-                                   attrs={**attrs, "kind": name, "merge": plan.settings.merge})
+            create_multiscale(group, name, shape=plan.shape, dtype=dtype if name == "labels" else np.uint8,
+                              chunks=plan.chunks, attrs={**attrs, "kind": name, "merge": plan.settings.merge})
         return
     for axis in plan.axes:
         name = f"probabilities/{axis}"
@@ -413,9 +413,12 @@ def predict(
         counts = compute(*tasks, progress=progress, **({"resources": resources} if resources else {}))
         computed = int(sum(counts))
         skipped = len(tasks) - computed
+        voxel_size = volume_voxel_size(plan.volume)
         if plan.settings.fused:
+            from .ngff import finish_multiscale
+
             for name in ("labels", *plan.outputs):
-                store.mark_complete(group[name])
+                finish_multiscale(group, name, voxel_size=voxel_size, progress=progress)
         else:
             probs = []
             for axis in plan.axes:
@@ -425,7 +428,7 @@ def predict(
             write_merged(group, probs, method=plan.settings.merge, label_values=plan.label_values,
                          outputs=plan.outputs, attrs={"merge": plan.settings.merge, "axes": list(plan.axes),
                                                       "input": plan.volume, "model": plan.model},
-                         progress=progress)
+                         voxel_size=voxel_size, progress=progress)
             store.set_status(group, axes_done=list(plan.axes))
             if not plan.settings.keep_probabilities:
                 shutil.rmtree(out / "probabilities", ignore_errors=True)

@@ -1,0 +1,127 @@
+"""Viewer-ready outputs: OME-Zarr (NGFF 0.5) multiscale pyramids of the merged results.
+
+Each merged output (``labels``, ``confidence``, ...) is a multiscale group: level ``0`` at full
+resolution, then levels halved along every axis until the smallest side is below
+``min_size``. Labels are downsampled by the mode of each 2×2×2 cube (ties: the first voxel, i.e.
+stride), continuous maps by the mean. The group carries NGFF ``multiscales`` metadata (axes,
+per-level scale from the voxel size when the input had one) and, for labels, ``image-label``, so
+napari (napari-ome-zarr), neuroglancer and ``ome-zarr`` open it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from . import store
+from .progress import compute
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NGFF_VERSION", "mode_2x2x2", "multiscales_metadata", "write_pyramid"]
+
+NGFF_VERSION = "0.5"
+
+
+def mode_2x2x2(x: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray:
+    """Most frequent value of each cube, for ``dask.array.coarsen`` (reshaped input, reduced axes)."""
+    if axis is None:  # dask probing the output type
+        return x
+    keep = [d for d in range(x.ndim) if d not in axis]
+    cubes = np.transpose(x, (*keep, *axis)).reshape(*(x.shape[d] for d in keep), -1)  # (..., 8)
+    counts = (cubes[..., :, None] == cubes[..., None, :]).sum(axis=-1)  # votes of each of the 8 values
+    best = counts.argmax(axis=-1)[..., None]  # first of the most frequent: the corner voxel on ties
+    return np.take_along_axis(cubes, best, axis=-1)[..., 0]
+
+
+def _mean_uint8(x: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray:
+    if axis is None:
+        return x
+    return np.rint(x.mean(axis=axis)).astype(x.dtype)
+
+
+def multiscales_metadata(name: str, levels: int, voxel_size: Sequence[float] | None, *,
+                         labels: bool) -> dict[str, Any]:
+    """The ``ome`` attribute of an NGFF 0.5 multiscale group with ``levels`` levels halving each axis."""
+    base = list(voxel_size) if voxel_size else [1.0, 1.0, 1.0]
+    unit = {"unit": "micrometer"} if voxel_size else {}
+    ome: dict[str, Any] = {
+        "version": NGFF_VERSION,
+        "multiscales": [{
+            "name": name,
+            "axes": [{"name": a, "type": "space", **unit} for a in "zyx"],
+            "datasets": [
+                {"path": str(k), "coordinateTransformations": [
+                    {"type": "scale", "scale": [s * 2**k for s in base]},
+                    {"type": "translation", "translation": [s * (2**k - 1) / 2 for s in base]},
+                ]}
+                for k in range(levels)
+            ],
+            "type": "mode" if labels else "mean",
+        }],
+    }
+    if labels:
+        ome["image-label"] = {"version": NGFF_VERSION}
+    return ome
+
+
+def write_pyramid(group: zarr.Group, name: str, *, labels: bool, voxel_size: Sequence[float] | None = None,
+                  min_size: int = 32, progress: bool = False) -> int:
+    """Add the downsampled levels below ``group[name]/0`` and the NGFF metadata; return the level count.
+
+    Level ``k + 1`` is computed blockwise from level ``k`` as stored, so memory stays at a few
+    chunks per thread whatever the size.
+    """
+    node = group[name]
+    assert isinstance(node, zarr.Group)
+    level0 = node["0"]
+    assert isinstance(level0, zarr.Array)
+    chunks = tuple(level0.chunks)
+    reduce = mode_2x2x2 if labels else _mean_uint8
+    level, shape = 0, tuple(level0.shape)
+    while min(shape) // 2 >= min_size:
+        src = da.from_zarr(node[str(level)])
+        even = tuple(s - s % 2 for s in src.shape)
+        src = src[tuple(slice(0, e) for e in even)].rechunk(tuple(max(2, c - c % 2) for c in chunks))
+        small = da.coarsen(reduce, src, {0: 2, 1: 2, 2: 2}, trim_excess=True)
+        shape = tuple(int(s) for s in small.shape)
+        target = store.create_array(node, name=str(level + 1), shape=shape, dtype=src.dtype,
+                                    chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
+                                    dimension_names=("z", "y", "x"),
+                                    attrs={"kind": f"{name} level {level + 1}"})
+        compute(da.store(small.rechunk(target.chunks), target, lock=False, compute=False),  # type: ignore[arg-type]
+                progress=progress)
+        store.mark_complete(target)
+        level += 1
+    node.attrs["ome"] = multiscales_metadata(name, level + 1, voxel_size, labels=labels)
+    log.info("%s: %d pyramid level(s) below level 0", name, level)
+    return level + 1
+
+
+def create_multiscale(group: zarr.Group, name: str, *, shape: Sequence[int], dtype: Any, chunks: Sequence[int],
+                      attrs: dict[str, Any], replace: bool = False) -> zarr.Array:
+    """Create (or reopen) the multiscale group ``name`` and its level ``0`` array, marked incomplete."""
+    if name in group and replace:
+        del group[name]
+    if name in group:
+        return group[f"{name}/0"]  # type: ignore[return-value]
+    node = group.create_group(name)
+    store.set_status(node, **attrs, complete=False)
+    return store.create_array(node, name="0", shape=shape, dtype=dtype, chunks=chunks,
+                              dimension_names=("z", "y", "x"), attrs=attrs)
+
+
+def finish_multiscale(group: zarr.Group, name: str, *, voxel_size: Sequence[float] | None = None,
+                      progress: bool = False) -> None:
+    """Mark level 0 complete, build the pyramid and its metadata, then mark the group complete."""
+    node = group[name]
+    assert isinstance(node, zarr.Group)
+    store.mark_complete(node["0"])
+    labels = name in ("labels", "disagreement")
+    levels = write_pyramid(group, name, labels=labels, voxel_size=voxel_size, progress=progress)
+    store.mark_complete(group[name], levels=levels)  # a fresh handle: `node` holds attributes from before "ome"
