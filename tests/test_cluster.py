@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from volseg_dask.cli import cli
 from volseg_dask.config import Settings
-from volseg_dask.predict import predict
+from volseg_dask.prediction import predict
 from volseg_dask.synthetic import write_demo_data
 
 from .conftest import read_array

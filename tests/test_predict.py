@@ -23,10 +23,10 @@ from volseg_dask.errors import (
     VolumeValueError,
 )
 from volseg_dask.io import open_volume
-from volseg_dask.merge import merge, merge_block, merged_arrays
-from volseg_dask.predict import predict, predict_array
+from volseg_dask.prediction import predict, predict_array
 from volseg_dask.store import OutputLock, status
 from volseg_dask.synthetic import write_demo_data
+from volseg_dask.votes import merge, merge_block, merged_arrays
 
 from .conftest import make_model_file, read_array
 

@@ -30,9 +30,9 @@ _API = {
     "write_demo_data": "synthetic",
     "train": "train",
     "load_model": "models",
-    "predict": "predict",
-    "predict_array": "predict",
-    "merge": "merge",
+    "predict": "prediction",
+    "predict_array": "prediction",
+    "merge": "votes",
     "evaluate": "metrics",
     "VolsegError": "errors",
 }

@@ -220,6 +220,15 @@ def config_check(file: Path) -> None:
 # ---- prediction ---------------------------------------------------------------------------------
 
 
+def _peak_memory(workers: int | None, address: str | None) -> str:
+    """``, peak memory N MB`` of this process, where that is where the work ran."""
+    if workers or address:
+        return ""  # the work ran in worker processes: see the dashboard
+    import resource
+
+    return f", peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+
+
 def _scheduler_options(func: Any) -> Any:
     func = click.option("--scheduler", "address", default=None, metavar="ADDRESS",
                         help="Run on an existing dask scheduler (tcp://host:8786).")(func)
@@ -259,7 +268,7 @@ def predict(state: _State, volume: str, model: Path, output: Path, config_file: 
     """Segment VOLUME with MODEL, out-of-core; rerunning an interrupted command resumes it."""
     from .cluster import dask_scheduler
     from .config import load_settings
-    from .predict import predict as api
+    from .prediction import predict as api
 
     settings = load_settings(config_file, {
         "predict.axes": axes, "predict.merge": merge_method, "predict.chunks": _chunks(chunks),
@@ -271,7 +280,8 @@ def predict(state: _State, volume: str, model: Path, output: Path, config_file: 
     with dask_scheduler(workers, address, echo=click.echo):
         result = api(volume, model, output, settings, overwrite=overwrite, progress=state.progress)
     click.echo(f"wrote {result.output} ({result.blocks_computed} blocks computed, {result.blocks_skipped} already "
-               f"done; {result.seconds:.1f} s, {result.voxels_per_second / 1e6:.2f} Mvoxel/s)")
+               f"done; {result.seconds:.1f} s, {result.voxels_per_second / 1e6:.2f} Mvoxel/s"
+               f"{_peak_memory(workers, address)})")
 
 
 @cli.command()
@@ -288,7 +298,7 @@ def merge(state: _State, output: Path, method: str | None, confidence: bool | No
           disagreement: bool | None, keep_probabilities: bool, workers: int | None, address: str | None) -> None:
     """(Re)merge the per-axis probabilities of a prediction OUTPUT into labels."""
     from .cluster import dask_scheduler
-    from .merge import merge as api
+    from .votes import merge as api
 
     flags = {"confidence": confidence, "entropy": entropy, "disagreement": disagreement}
     outputs = None

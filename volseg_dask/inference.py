@@ -152,7 +152,7 @@ def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tup
         Along ``axis`` it must be at least ``(n_slices - 1) / 2`` on each side: those slices are the
         2.5D context of the outermost planes, never predicted themselves.
     """
-    from .merge import combine
+    from .votes import combine
 
     set_torch_threads(spec.torch_threads)
     device = select_device(spec.device)

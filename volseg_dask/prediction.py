@@ -43,10 +43,10 @@ from .config import PredictSettings, Settings
 from .errors import ConfigError, OutputExistsError, VolsegError, VolumeValueError
 from .inference import AXES, SlabSpec, infer_block
 from .io import open_volume, read_padded, split_key, volume_voxel_size
-from .merge import merge_block, write_merged
 from .models import read_model_file
 from .normalize import Normalization, compute_normalization
 from .progress import active_client, compute
+from .votes import merge_block, write_merged
 
 log = logging.getLogger(__name__)
 
