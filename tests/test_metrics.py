@@ -78,3 +78,22 @@ def test_cli_table_and_json(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["mean_dice"] == 1.0
     result = CliRunner().invoke(cli, ["evaluate", str(labels), str(tmp_path / "nope.zarr")])
     assert result.exit_code == 1 and "nope.zarr: no such file" in result.output
+
+
+def test_an_input_rewritten_during_the_read_is_refused(tmp_path, monkeypatch):
+    """A merge replacing the labels while evaluate reads them: no silently mixed result."""
+    import volseg_dask.metrics as metrics
+    from volseg_dask.errors import IncompleteOutputError
+    from volseg_dask.synthetic import write_demo_data
+
+    _, labels = write_demo_data(tmp_path, 16, seed=1, chunks=8)
+    real = metrics.compute
+
+    def rewrite_midway(*args, **kwargs):
+        out = real(*args, **kwargs)
+        write_demo_data(tmp_path, 16, seed=2, chunks=8, overwrite=True)  # another run replaces the input
+        return out
+
+    monkeypatch.setattr(metrics, "compute", rewrite_midway)
+    with pytest.raises(IncompleteOutputError, match="was rewritten while it was being read"):
+        evaluate(labels, labels)

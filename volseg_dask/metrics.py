@@ -19,6 +19,7 @@ import numpy as np
 from .errors import VolsegError, VolumeFormatError
 from .io import open_volume
 from .progress import compute
+from .store import unchanged_while_reading
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def evaluate(
     for arr, name in ((pred, names[0]), (ref, names[1])):
         if arr.dtype.kind not in "biu":
             raise VolumeFormatError(f"{name}: labels must be integers, found {arr.dtype}")
-    values, cm = confusion_matrix(ref, pred, progress=progress)
+    with unchanged_while_reading(*(p for p in (prediction, truth) if not isinstance(p, da.Array))):
+        values, cm = confusion_matrix(ref, pred, progress=progress)
     in_truth = {v for i, v in enumerate(values) if cm[i].sum()} - {ignore_label}
     in_pred = {v for i, v in enumerate(values) if cm[:, i].sum()}
     if in_truth and in_pred and len(in_truth & in_pred) <= 1 < len(in_truth | in_pred) and in_truth != in_pred:

@@ -258,3 +258,36 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def read_stamp(path: str | os.PathLike[str]) -> tuple[Any, ...]:
+    """A cheap fingerprint that changes when an input is rewritten (Zarr metadata files or file time)."""
+    text = os.fspath(path)
+    base = Path(text.split(".zarr:", 1)[0] + ".zarr") if ".zarr:" in text else Path(text)
+    stamps: list[Any] = []
+    for meta in (base / "zarr.json", base / "0" / "zarr.json", base / ".zarray"):
+        with contextlib.suppress(OSError):
+            st = meta.stat()
+            stamps.append((meta.name, st.st_ino, st.st_mtime_ns))
+    if not stamps:
+        file = Path(text.split(":", 1)[0]) if not base.exists() else base
+        with contextlib.suppress(OSError):
+            st = file.stat()
+            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
+@contextlib.contextmanager
+def unchanged_while_reading(*paths: str | os.PathLike[str]) -> Iterator[None]:
+    """Raise :class:`IncompleteOutputError` if any input was rewritten while the block ran.
+
+    Guards readers (evaluate, export) against a concurrent merge or prediction replacing their
+    input: such a read could mix old and new chunks. The check is after the fact, so the caller's
+    own output must not be finished before the block exits.
+    """
+    before = [read_stamp(p) for p in paths]
+    yield
+    for path, stamp in zip(paths, before):
+        if read_stamp(path) != stamp:
+            raise IncompleteOutputError(f"{path}: was rewritten while it was being read (another run is writing "
+                                        "it); wait for that run to finish and run again")
