@@ -217,6 +217,67 @@ def config_check(file: Path) -> None:
     click.echo(f"{file}: ok")
 
 
+# ---- training -----------------------------------------------------------------------------------
+
+
+def _pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
+    if not values or len(values) % 2:
+        raise click.UsageError(f"{what}: give IMAGE LABELS pairs (an even number of paths), found {len(values)} "
+                               f"path(s): {' '.join(values) or 'none'}")
+    return list(zip(values[::2], values[1::2]))
+
+
+@cli.command("train")
+@click.argument("volumes", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model file to write (.pt).")
+@click.option("-c", "--config", "config_file", type=click.Path(path_type=Path), help="Settings YAML.")
+@click.option("--validation", "validation", nargs=2, multiple=True, metavar="IMAGE LABELS",
+              help="A volume used only for validation (repeatable); default: hold out slabs of the training ones.")
+@click.option("--epochs", type=int, help="Maximum number of epochs.")
+@click.option("--lr", type=float, help="Peak learning rate (skips the learning-rate range test).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--max-minutes", type=float, help="Stop after this much wall time (the best model is kept).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
+@click.pass_obj
+def train_command(state: _State, volumes: tuple[str, ...], output: Path, config_file: Path | None,
+                  validation: tuple[tuple[str, str], ...], epochs: int | None, lr: float | None, device: str | None,
+                  max_minutes: float | None, overwrite: bool) -> None:
+    """Train a 2D model on slices of labelled volumes: IMAGE LABELS [IMAGE LABELS ...].
+
+    Slices along z, y and x are read lazily from any format `convert` reads; label values may be any
+    integers. Plots and metrics are written beside the model. Ctrl-C stops training and saves the
+    best model so far.
+    """
+    from .config import load_settings
+    from .train import train as api
+
+    pairs = _pairs(volumes, "volseg train")
+    settings = load_settings(config_file, {"train.epochs": epochs, "train.learning_rate": lr,
+                                           "train.device": device, "train.max_minutes": max_minutes})
+    result = api(pairs, output, settings, validation=[(a, b) for a, b in validation] or None, overwrite=overwrite,
+                 progress=state.progress)
+    dice = ", ".join(f"{label}: {'-' if d is None else f'{d:.3f}'}" for label, d in result.val_dice.items())
+    lrs = ", ".join(f"{v:.3g}" for v in result.learning_rates)
+    click.echo(f"wrote {result.model_path} ({result.epochs_run} epochs, best {result.best_epoch}, stopped: "
+               f"{result.stop_reason}; {result.seconds:.0f} s; learning rate {lrs})")
+    click.echo(f"validation Dice per label value: {dice or 'n/a (no validation data)'}")
+
+
+@cli.command("models")
+@click.option("--encoders", "encoder_filter", default=None, metavar="TEXT",
+              help="Only encoders whose name contains TEXT (e.g. resnet, efficientnet).")
+def models_command(encoder_filter: str | None) -> None:
+    """List the architectures and encoders the installed segmentation-models-pytorch offers."""
+    from .models import architectures, encoder_names
+
+    click.echo("architectures: " + ", ".join(sorted(architectures())))
+    names = [n for n in encoder_names() if encoder_filter is None or encoder_filter.lower() in n.lower()]
+    native = [n for n in names if not n.startswith("tu-")]
+    timm = [n for n in names if n.startswith("tu-")]
+    click.echo(f"encoders ({len(native)}): " + ", ".join(native))
+    click.echo(f"timm encoders ({len(timm)}, as tu-NAME): " + ", ".join(timm))
+
+
 # ---- prediction ---------------------------------------------------------------------------------
 
 

@@ -194,6 +194,10 @@ class TrainSettings:
     )
     seed: int | None = _opt(0, help="Seed for sampling, augmentation, split and initialisation; null = random.")
     num_workers: int = _opt(0, help="DataLoader worker processes (0 reads in the main process).", min=0)
+    torch_threads: int | None = _opt(
+        None, help="Torch intra-op threads while training; null keeps torch's default (one per core). On a "
+        "machine shared with other jobs, fewer threads than cores avoids threads waiting on each other.", min=1
+    )
     device: str = _opt("auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.",
                        pattern=DEVICE_PATTERN, expected="auto, cpu, cuda, cuda:N or mps")
     amp: bool = _opt(True, help="Mixed precision (autocast) on GPU; never used on the CPU.")

@@ -13,6 +13,7 @@ __all__ = [
     "ModelFileError",
     "OutputExistsError",
     "OutputLockedError",
+    "TrainingError",
     "VolsegError",
     "VolumeFormatError",
     "VolumeNotFoundError",
@@ -59,3 +60,7 @@ class WriteFailedError(VolsegError, OSError):
 
 class ModelFileError(VolsegError, ValueError):
     """A model file is missing, not ours, damaged, of a newer format, or does not fit the data."""
+
+
+class TrainingError(VolsegError, RuntimeError):
+    """Training could not produce a model (e.g. the loss diverged before any epoch finished)."""
