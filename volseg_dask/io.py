@@ -134,7 +134,7 @@ def _band_chunks(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
 
 
 class _RawReader(_Reader):
-    """C-ordered raw voxels at a byte offset (NPY body, MRC data block), mapped region by region."""
+    """C-ordered raw voxels at a byte offset (NPY body, MRC data block), read region by region."""
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype,
                  fortran_order: bool = False, voxel_size: tuple[float, float, float] | None = None,
@@ -151,17 +151,45 @@ class _RawReader(_Reader):
             out = np.array(mm[region])
             del mm
             return out
-        z = region[0]
-        if z.stop <= z.start:
-            return np.empty(tuple(max(0, r.stop - r.start) for r in region), self.dtype)
-        plane = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        # map only the planes z.start:z.stop, copy the region out, unmap: resident memory stays at
-        # the size of the region instead of growing with every page ever touched
-        mm = np.memmap(self.path, self.dtype, "r", self.offset + z.start * plane,
-                       (z.stop - z.start, *self.shape[1:]))
-        out = np.array(mm[(slice(None), *region[1:])])
-        del mm
+        # Positioned reads (one per plane) straight into the output, not a memory map: a mapped
+        # file's pages count in the resident set as soon as they are touched, and the kernel maps
+        # whole page-cache folios around each touched page, so copying a 128-row band out of 128
+        # mapped planes made nearly all 128 planes resident (140 MB per read at 1024², growing with
+        # the plane). Here a read holds its output and, for partial rows, one plane's span.
+        out = np.empty(tuple(max(0, r.stop - r.start) for r in region), self.dtype)
+        if out.size == 0:
+            return out
+        lead = max(0, 2 - self.ndim)  # view 0D/1D volumes as one plane of one row
+        shape, region = (1,) * lead + self.shape, (slice(0, 1),) * lead + region
+        ys, xs, row = region[-2], region[-1], shape[-1]
+        rows, width = ys.stop - ys.start, xs.stop - xs.start
+        span = (rows - 1) * row + width  # voxels from the region's first to its last in one plane
+        planes = out.reshape(-1, rows, width)
+        scratch = None if width == row else np.empty(rows * row, self.dtype)
+        outer = [int(np.prod(shape[i + 1:])) for i in range(len(shape) - 2)]  # strides (voxels), leading axes
+        with open(self.path, "rb", buffering=0) as fh:
+            for k, index in enumerate(itertools.product(*(range(r.start, r.stop) for r in region[:-2]))):
+                first = sum(i * s for i, s in zip(index, outer)) + ys.start * row + xs.start
+                at = self.offset + first * self.dtype.itemsize
+                if scratch is None:  # whole rows: the plane's part is contiguous in the file and in out
+                    self._read_into(fh, at, planes[k])
+                else:
+                    self._read_into(fh, at, scratch[:span])
+                    planes[k] = scratch.reshape(rows, row)[:, :width]
         return out
+
+    def _read_into(self, fh: Any, offset: int, target: np.ndarray) -> None:
+        buf = target.reshape(-1).view(np.uint8).data  # a writable memoryview of the bytes
+        fh.seek(offset)
+        done = 0
+        while done < len(buf):
+            got = fh.readinto(buf[done:])
+            if not got:
+                raise VolumeFormatError(
+                    f"{self.path}: ends at byte {offset + done}, before the end of the voxel data; the file is "
+                    "truncated; re-copy it"
+                )
+            done += got
 
 
 class _H5Reader(_Reader):
