@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -271,3 +272,17 @@ def test_tiff_export_failure_leaves_nothing(tmp_path, vol, monkeypatch):
     with pytest.raises(WriteFailedError, match="Input/output error"):
         export(src, tmp_path / "o.tif")
     assert not any(p.name.startswith((".o.tif", "o.tif")) for p in tmp_path.iterdir())
+
+
+def test_leftovers_of_killed_runs_are_removed(tmp_path, vol):
+    import socket
+
+    np.save(tmp_path / "a.npy", vol)
+    dead = tmp_path / f".a.zarr.partial-{socket.gethostname()}-999999999-deadbeef"
+    dead.mkdir()
+    alive = tmp_path / f".a.zarr.partial-{socket.gethostname()}-{os.getpid()}-0badf00d"
+    alive.mkdir()
+    other_host = tmp_path / ".a.zarr.partial-elsewhere-1-abcdef12"
+    other_host.mkdir()
+    convert(tmp_path / "a.npy", tmp_path / "a.zarr")
+    assert not dead.exists() and alive.exists() and other_host.exists()

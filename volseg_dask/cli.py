@@ -31,6 +31,14 @@ class _State:
         return not self.quiet and sys.stderr.isatty() and os.environ.get("CI") != "true"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's walltime, ``kill``) delivered as an interrupt, so clean-ups run."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
     """Turns our errors into one clear line and a non-zero exit code."""
 
@@ -42,11 +50,18 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
+        except click.UsageError as exc:  # one line, like our own errors, instead of click's usage block
             if ctx.params.get("debug"):
                 raise
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+            command = exc.ctx.command_path if exc.ctx else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            if ctx.params.get("debug"):
+                raise
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"{what}; rerun the command to finish (predict resumes where it stopped)", err=True)
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -205,6 +220,14 @@ def config_show(file: Path | None) -> None:
     from .config import load_settings
 
     click.echo(load_settings(file).to_yaml())
+
+
+@config.command("reference")
+def config_reference() -> None:
+    """Print the settings reference (Markdown), generated from the settings dataclasses."""
+    from .config import settings_reference_markdown
+
+    click.echo(settings_reference_markdown())
 
 
 @config.command("check")
@@ -399,6 +422,9 @@ def evaluate(state: _State, prediction: str, truth: str, ignore_label: int | Non
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``volseg`` console script."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli.main(args=argv, prog_name="volseg")
 
 

@@ -466,6 +466,7 @@ def _open_zarr(root: Path, key: str | None) -> _Reader:
     if isinstance(node, zarr.Group):
         node, array_path = _pick_array(node, root, key)
     store.require_complete(node, root / (key or ""))
+    store.require_complete_tree(root / (array_path or ""))
     chunks = tuple(node.shards or node.chunks) if getattr(node, "shards", None) else tuple(node.chunks)
     reader = _ZarrReader(root, array_path, tuple(node.shape), node.dtype, chunks)
     reader.voxel_size = _zarr_voxel_size(node)

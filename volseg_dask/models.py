@@ -17,7 +17,6 @@ import contextlib
 import difflib
 import logging
 import os
-import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -261,7 +260,10 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str
                          "python": platform.python_version()},
         },
     }
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    from .store import partial_name, remove_stale_partials
+
+    remove_stale_partials(path)
+    tmp = partial_name(path)
     try:
         torch.save(record, tmp)
         os.replace(tmp, path)

@@ -40,7 +40,7 @@ import zarr
 
 from . import store
 from .config import PredictSettings, Settings
-from .errors import ConfigError, OutputExistsError, VolsegError, VolumeValueError
+from .errors import ConfigError, OutputExistsError, VolsegError, VolumeValueError, WriteFailedError
 from .inference import AXES, SlabSpec, infer_block
 from .io import open_volume, read_padded, split_key, volume_voxel_size
 from .models import read_model_file
@@ -410,7 +410,15 @@ def predict(
         log.info("predicting %s %s along %s in %d blocks of %s (halo %d)%s", plan.volume, plan.shape,
                  "".join(plan.axes), len(plan.grid), plan.chunks, plan.halo, " [fused]" if plan.settings.fused else "")
         # resources also go to the client directly: graph optimisation may drop annotations
-        counts = compute(*tasks, progress=progress, **({"resources": resources} if resources else {}))
+        try:
+            counts = compute(*tasks, progress=progress, **({"resources": resources} if resources else {}))
+        except OSError as exc:
+            if isinstance(exc, VolsegError):
+                raise
+            raise WriteFailedError(
+                f"{out}: writing failed ({exc.strerror or exc}); every finished block is kept and the output stays "
+                "marked incomplete: fix the cause (e.g. free disk space) and rerun the same command to resume"
+            ) from exc
         computed = int(sum(counts))
         skipped = len(tasks) - computed
         voxel_size = volume_voxel_size(plan.volume)

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -139,8 +140,13 @@ def check_output_path(dst: Path, overwrite: bool) -> None:
     parent = dst.parent if str(dst.parent) else Path(".")
     if not parent.is_dir():
         raise WriteFailedError(f"{dst}: the output folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WriteFailedError(f"{dst}: the output folder {parent} is not writable; choose a writable location")
+    try:  # try for real: permission bits say nothing for root, ACLs or read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".volseg-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WriteFailedError(f"{dst}: the output folder {parent} is not writable ({exc.strerror}); choose a "
+                               "writable location") from None
 
 
 def remove_path(path: Path) -> None:
@@ -152,6 +158,22 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def partial_name(dst: Path) -> Path:
+    """Hidden temporary name for an output being built: ``.NAME.partial-HOST-PID-RANDOM``."""
+    return dst.with_name(f".{dst.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_partials(dst: Path) -> None:
+    """Remove temporary outputs for ``dst`` left by killed processes of this host."""
+    host = socket.gethostname()
+    for candidate in dst.parent.glob(f".{dst.name}.partial-*"):
+        owner_and_pid = candidate.name[len(f".{dst.name}.partial-"):].rpartition("-")[0]  # drop RANDOM
+        owner_host, _, pid_text = owner_and_pid.rpartition("-")
+        if owner_host == host and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            log.info("removing %s, left by a killed run", candidate)
+            remove_path(candidate)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Build an output under a hidden temporary name; move it to ``dst`` only on success.
@@ -161,7 +183,8 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     """
     dst = Path(dst)
     check_output_path(dst, overwrite)
-    tmp = dst.with_name(f".{dst.name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_stale_partials(dst)
+    tmp = partial_name(dst)
     try:
         yield tmp
     except VolsegError:
@@ -291,3 +314,25 @@ def unchanged_while_reading(*paths: str | os.PathLike[str]) -> Iterator[None]:
         if read_stamp(path) != stamp:
             raise IncompleteOutputError(f"{path}: was rewritten while it was being read (another run is writing "
                                         "it); wait for that run to finish and run again")
+
+
+def require_complete_tree(path: str | os.PathLike[str]) -> None:
+    """Refuse a Zarr node when it, or any group above it in the same store, is marked incomplete.
+
+    ``seg.zarr/labels`` of a prediction that was interrupted (or is being redone) is refused even
+    if the labels array itself was finished by an earlier run.
+    """
+    node = Path(path)
+    while (node / "zarr.json").exists():
+        try:
+            meta = json.loads((node / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return
+        record = (meta.get("attributes") or {}).get(ATTR)
+        if isinstance(record, Mapping) and record.get("complete") is False:
+            done, total = record.get("blocks_done"), record.get("blocks_total")
+            detail = f" ({done} of {total} blocks written)" if done is not None and total else ""
+            where = "" if node == Path(path) else f" (it belongs to {node}, which is)"
+            fix = record.get("resume_hint") or "rerun the command that wrote it with the same settings to finish it"
+            raise IncompleteOutputError(f"{path}: this output is incomplete{where}{detail}; {fix}")
+        node = node.parent

@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 
 from . import store
-from .errors import IncompleteOutputError, VolsegError, VolumeNotFoundError
+from .errors import IncompleteOutputError, VolsegError, VolumeFormatError, VolumeNotFoundError
 from .progress import compute
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,11 @@ def merge(
     if not (out / "zarr.json").exists():
         raise VolumeNotFoundError(f"{out}: not a prediction output (no zarr.json); run `volseg predict` first")
     with store.OutputLock(out):
-        group = zarr.open_group(str(out), mode="r+")
-        info = store.status(group) or {}
+        group = zarr.open(store=str(out), mode="r+")
+        info = (store.status(group) or {}) if isinstance(group, zarr.Group) else {}
+        if not isinstance(group, zarr.Group) or info.get("kind") != "prediction":
+            raise VolumeFormatError(f"{out}: holds no per-axis probabilities (not a prediction output); give the "
+                                    "folder `volseg predict` wrote")
         axes = info.get("axes_done") or info.get("axes")
         if not axes or "probabilities" not in group:
             raise IncompleteOutputError(f"{out}: holds no per-axis probabilities to merge (fused outputs have "
