@@ -9,7 +9,7 @@ TORCH_SPEC ?= $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint test-slow bench clean-venv
+.PHONY: demo test lint readme test-slow clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(BIN)/.installed lint
 lint: $(BIN)/.installed
 	$(BIN)/ruff check volseg_dask tests benchmarks examples
 	$(BIN)/mypy
+
+readme: $(BIN)/.installed
+	UPDATE_README=1 $(BIN)/python -m pytest -q tests/test_docs.py
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m slow
