@@ -34,6 +34,8 @@ Validation split (:func:`make_split`)
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -367,13 +369,22 @@ class ChunkCache:
         self._data: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
 
     def get(self, key: tuple[Any, ...], load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The block under ``key``, loaded (and kept, if it fits) on a miss."""
+        block = self.lookup(key)
+        return block if block is not None else self.put(key, load())
+
+    def lookup(self, key: tuple[Any, ...]) -> np.ndarray | None:
+        """The block under ``key`` (marked most recently used), or None (counted as a miss)."""
         block = self._data.get(key)
-        if block is not None:
-            self._data.move_to_end(key)
-            self.hits += 1
-            return block
-        self.misses += 1
-        block = load()
+        if block is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return block
+
+    def put(self, key: tuple[Any, ...], block: np.ndarray) -> np.ndarray:
+        """Keep ``block``, evicting the least recently used ones beyond the bound; return it."""
         if block.nbytes <= self.max_bytes:
             self._data[key] = block
             self.bytes += block.nbytes
@@ -390,16 +401,6 @@ class ChunkCache:
         return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes, "blocks": len(self._data)}
 
 
-class _Loader:
-    """Deferred read of one block (for the cache)."""
-
-    def __init__(self, reader: _BlockReader, lo: Sequence[int], hi: Sequence[int]) -> None:
-        self.reader, self.region = reader, tuple(slice(a, b) for a, b in zip(lo, hi))
-
-    def __call__(self) -> np.ndarray:
-        return self.reader._load(self.region)
-
-
 class _BlockReader:
     """Reads regions of one array through the cache (whole blocks) or, for numpy, directly."""
 
@@ -411,6 +412,7 @@ class _BlockReader:
         if isinstance(array, da.Array) and cache is not None:
             self.grid = _grid(array.chunks, max(self.out_dtype.itemsize, array.dtype.itemsize),
                               max(cache.max_bytes // 16, 2**20))
+        self._edges = [[int(e) for e in edges] for edges in self.grid or []]
 
     def _load(self, region: tuple[slice, ...]) -> np.ndarray:
         block = self.array[region]
@@ -423,22 +425,22 @@ class _BlockReader:
         if self.grid is None or self.cache is None:
             return self._load(region)
         out = np.empty(tuple(r.stop - r.start for r in region), self.out_dtype)
-        ranges = []
-        for r, edges in zip(region, self.grid):
-            first = int(np.searchsorted(edges, r.start, side="right")) - 1
-            last = int(np.searchsorted(edges, r.stop, side="left"))
-            ranges.append(range(first, last))
-        for bz in ranges[0]:
-            for by in ranges[1]:
-                for bx in ranges[2]:
-                    idx = (bz, by, bx)
-                    lo = [int(self.grid[a][i]) for a, i in enumerate(idx)]
-                    hi = [int(self.grid[a][i + 1]) for a, i in enumerate(idx)]
-                    block = self.cache.get((self.key, *idx), _Loader(self, lo, hi))
-                    src = tuple(slice(max(r.start, a) - a, min(r.stop, b) - a) for r, a, b in zip(region, lo, hi))
-                    dst = tuple(slice(max(r.start, a) - r.start, min(r.stop, b) - r.start)
-                                for r, a, b in zip(region, lo, hi))
-                    out[dst] = block[src]
+        spans = []  # per axis: (block index, block start, block stop) of the blocks the region crosses
+        for r, edges in zip(region, self._edges):
+            first = bisect.bisect_right(edges, r.start) - 1
+            last = bisect.bisect_left(edges, r.stop)
+            spans.append([(i, edges[i], edges[i + 1]) for i in range(first, last)])
+        for (bz, z0, z1), (by, y0, y1), (bx, x0, x1) in itertools.product(*spans):
+            key = (self.key, bz, by, bx)
+            block = self.cache.lookup(key)
+            if block is None:
+                block = self.cache.put(key, self._load((slice(z0, z1), slice(y0, y1), slice(x0, x1))))
+            src, dst = [], []
+            for r, a, b in zip(region, (z0, y0, x0), (z1, y1, x1)):
+                lo, hi = max(r.start, a), min(r.stop, b)
+                src.append(slice(lo - a, hi - a))
+                dst.append(slice(lo - r.start, hi - r.start))
+            out[tuple(dst)] = block[tuple(src)]
         return out
 
 
