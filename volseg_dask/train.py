@@ -881,6 +881,7 @@ def plot_curves(history: Sequence[dict[str, Any]], mapping: LabelMapping, path: 
         ax1.plot(epochs, [h.get("val_loss", np.nan) for h in history], "o-", label="validation")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
+    ax1.set_yscale("log")  # an early validation spike (batch-norm statistics at a high rate) dwarfs the rest
     ax1.legend()
     for c, value in enumerate(mapping.values):
         ys = [np.nan if len(h.get("dice") or []) <= c or h["dice"][c] is None else h["dice"][c] for h in history]
