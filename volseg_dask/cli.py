@@ -181,15 +181,20 @@ def demo_data(state: _State, out: Path, shape: str, seed: int, chunks: int, over
 
 @cli.command()
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(path_type=Path),
-              help="Folder for every demo output.")
-@click.option("--size", default=128, show_default=True, type=click.IntRange(32), help="Edge of the volume.")
+              help="Folder for every demo output (the demo's own files in it are replaced).")
+@click.option("--size", default=192, show_default=True, type=click.IntRange(64),
+              help="Edge of the unseen volume predicted out-of-core.")
+@click.option("--train-size", default=160, show_default=True, type=click.IntRange(64),
+              help="Edge of the labelled training volume.")
+@click.option("--minutes", type=click.FloatRange(0.1), default=None, help="Training time budget (default 3).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Scene seed.")
 @click.pass_obj
-def demo(state: _State, out: Path, size: int, seed: int) -> None:
-    """Run the whole flow on the built-in synthetic CT volume."""
+def demo(state: _State, out: Path, size: int, train_size: int, minutes: float | None, seed: int) -> None:
+    """Run the whole flow on the built-in synthetic CT volume: train, predict, evaluate."""
     from .demo import run_demo
 
-    run_demo(out, size=size, seed=seed, progress=state.progress, echo=click.echo)
+    run_demo(out, size=size, train_size=train_size, seed=seed, minutes=minutes, progress=state.progress,
+             echo=click.echo)
 
 
 # ---- settings ----------------------------------------------------------------------------------
