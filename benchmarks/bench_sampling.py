@@ -105,7 +105,7 @@ def _step_rate(settings: Any, steps: int = 3) -> dict[str, Any]:
     import torch
 
     from volseg_dask.models import build_model
-    from volseg_dask.train import make_loss
+    from volseg_dask.training import make_loss
 
     model = build_model(settings.model, classes=3)
     loss_fn = make_loss(settings.train.loss)

@@ -4,7 +4,7 @@
    training (``--train-size``, default 160³) and seed 1 for testing (``--test-size``, default 128³):
    a different scene, never seen in training nor in model selection.
 2. Train with the demo settings (``volseg_dask/demo_settings.yaml``; a default-architecture Unet)
-   through the public API ``volseg_dask.train.train``: validation slabs are held out of the training
+   through the public API ``volseg_dask.train``: validation slabs are held out of the training
    volume for early stopping and the best checkpoint.
 3. Predict every z-, y- and x-slice of the test volume with the saved model at native resolution
    (``inference.predict_planes``: the production forward pass) and score per-class Dice over all
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from volseg_dask.config import load_settings
     from volseg_dask.models import load_model
     from volseg_dask.synthetic import make_volume, write_demo_data
-    from volseg_dask.train import train
+    from volseg_dask.training import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     settings_path = args.settings or Path(volseg_dask.__file__).with_name("demo_settings.yaml")

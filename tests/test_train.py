@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
 import json
 
@@ -12,13 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from volseg_dask import training as train_mod
 from volseg_dask.config import ModelSettings, Settings
 from volseg_dask.errors import OutputExistsError, VolumeFormatError, VolumeValueError
 from volseg_dask.models import build_model, load_model
 from volseg_dask.sampling import IGNORE_INDEX
-from volseg_dask.train import lr_at, lr_range_test, make_loss, train
+from volseg_dask.training import lr_at, lr_range_test, make_loss, train
 
-train_mod = importlib.import_module("volseg_dask.train")  # the module (volseg_dask.train is also the function)
 TINY = {"architecture": "Unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]}
 
 
@@ -185,7 +184,7 @@ def test_ctrl_c_saves_the_best_model_so_far_and_says_so(small_volume, tmp_path, 
         return real(self)
 
     monkeypatch.setattr(train_mod._Runner, "validate", validate)
-    with caplog.at_level("WARNING", logger="volseg_dask.train"):
+    with caplog.at_level("WARNING", logger="volseg_dask.training"):
         result = train([(image, labels)], tmp_path / "m.pt", tiny_settings(epochs=5))
     assert result.stop_reason == "interrupted" and result.best_epoch == 1
     assert "interrupted: saved the best model so far (epoch 1" in caplog.text

@@ -28,7 +28,7 @@ _API = {
     "load_settings": "config",
     "make_volume": "synthetic",
     "write_demo_data": "synthetic",
-    "train": "train",
+    "train": "training",
     "load_model": "models",
     "predict": "prediction",
     "predict_array": "prediction",

@@ -277,7 +277,7 @@ def train_command(state: _State, volumes: tuple[str, ...], output: Path, config_
     best model so far.
     """
     from .config import load_settings
-    from .train import train as api
+    from .training import train as api
 
     pairs = _pairs(volumes, "volseg train")
     settings = load_settings(config_file, {"train.epochs": epochs, "train.learning_rate": lr,

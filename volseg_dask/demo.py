@@ -92,7 +92,7 @@ def run_demo(out: str | os.PathLike[str] = "demo-output", *, size: int = 192, tr
     """
     from .metrics import evaluate
     from .prediction import predict
-    from .train import train
+    from .training import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

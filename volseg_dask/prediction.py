@@ -381,7 +381,7 @@ def predict(
     volume
         Any input :func:`volseg_dask.io.open_volume` reads; Zarr is best (region reads).
     model
-        A model file written by :func:`volseg_dask.train.train`.
+        A model file written by :func:`volseg_dask.training.train`.
     output
         Output folder (``OUT.zarr``). Rerunning the same command on an unfinished output resumes it.
     settings
