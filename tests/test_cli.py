@@ -77,3 +77,14 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "volseg_dask.cli", "--debug", "info", str(tmp_path / "x.tif")],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "VolumeNotFoundError" in proc.stderr
+
+
+def test_api_verbs_stay_functions_after_their_modules_are_imported():
+    import importlib
+
+    import volseg_dask as vs
+
+    for module in ("training", "prediction", "votes", "metrics", "io"):
+        importlib.import_module(f"volseg_dask.{module}")
+    for verb in ("train", "predict", "merge", "evaluate", "convert", "export", "open_volume", "predict_array"):
+        assert callable(getattr(vs, verb)) and not isinstance(getattr(vs, verb), type(vs)), verb
