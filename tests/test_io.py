@@ -286,3 +286,21 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path, vol):
     other_host.mkdir()
     convert(tmp_path / "a.npy", tmp_path / "a.zarr")
     assert not dead.exists() and alive.exists() and other_host.exists()
+
+
+def test_export_refuses_an_input_rewritten_while_read(tmp_path, monkeypatch):
+    import volseg_dask.io as io_mod
+    from volseg_dask.synthetic import write_demo_data
+
+    image, _ = write_demo_data(tmp_path, 16, seed=1, chunks=8)
+    real = io_mod.compute
+
+    def rewrite_midway(*args, **kwargs):
+        out = real(*args, **kwargs)
+        write_demo_data(tmp_path, 16, seed=2, chunks=8, overwrite=True)
+        return out
+
+    monkeypatch.setattr(io_mod, "compute", rewrite_midway)
+    with pytest.raises(IncompleteOutputError, match="was rewritten while it was being read"):
+        export(image, tmp_path / "o.tif")
+    assert not (tmp_path / "o.tif").exists()

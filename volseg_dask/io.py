@@ -780,7 +780,7 @@ def export(
     bar = tqdm(total=vol.shape[0], unit="plane", disable=not progress, desc=f"export {file.name}")
     planes = (plane for _, _, slab in _iter_slabs(vol, bar) for plane in slab)
 
-    with store.atomic_output(file, overwrite=overwrite) as tmp:
+    with store.atomic_output(file, overwrite=overwrite) as tmp, store.unchanged_while_reading(src):
         if suffix in TIFF_SUFFIXES:
             import tifffile
 
