@@ -10,7 +10,7 @@ Output layout (``OUT.zarr``, a Zarr v3 group)::
     entropy, disagreement                  optional uncertainty maps
 
 Every array shares one chunk grid (the prediction blocks), so the merge is a pure blockwise pass.
-Each task reads its own block plus halo straight from the input (mirrored at the volume's borders),
+Each task reads its own block plus halo straight from the input (halo toward neighbouring blocks only),
 runs the slab function and writes exactly one output chunk, then drops a done-marker; a rerun of
 the same command skips marked blocks (resume after a kill), and refuses to mix in blocks made
 with other settings. Arrays, and the group, are marked complete only when fully written.
@@ -204,13 +204,25 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
 # ---- tasks ---------------------------------------------------------------------------------------
 
 
-def _read_block(plan_volume: str, block: tuple[tuple[int, int], ...], pads: Sequence[int]) -> np.ndarray:
-    start = [a - p for (a, _), p in zip(block, pads)]
-    stop = [b + p for (_, b), p in zip(block, pads)]
-    data = read_padded(plan_volume, start, stop)
+def _context(block: tuple[tuple[int, int], ...], shape: Sequence[int], halo: int, axis: int,
+             half: int) -> list[tuple[int, int]]:
+    """Voxels of context on each side of a block for one axis's planes.
+
+    In-plane, ``halo`` toward neighbouring blocks and none at the volume's border, where a whole
+    plane sees the edge exactly as a whole-volume prediction does (and no time goes into mirrored
+    halo). Along the axis, ``half`` slices of 2.5D context, mirrored at the border.
+    """
+    return [(half, half) if d == axis else (halo if a > 0 else 0, halo if b < n else 0)
+            for d, ((a, b), n) in enumerate(zip(block, shape))]
+
+
+def _read_block(volume: str, block: tuple[tuple[int, int], ...], pads: Sequence[tuple[int, int]]) -> np.ndarray:
+    start = [a - p for (a, _), (p, _) in zip(block, pads)]
+    stop = [b + q for (_, b), (_, q) in zip(block, pads)]
+    data = read_padded(volume, start, stop)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         where = ", ".join(f"{a}:{b}" for a, b in block)
-        raise VolumeValueError(f"{plan_volume}: NaN or infinite values in the block [{where}]; replace them "
+        raise VolumeValueError(f"{volume}: NaN or infinite values in the block [{where}]; replace them "
                                "(e.g. with the background value) and run again")
     return data
 
@@ -224,15 +236,12 @@ def _open_out(output: str, name: str) -> zarr.Array:
 
 
 def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], block: tuple[tuple[int, int], ...],
-               halo: int, spec: SlabSpec) -> int:
+               shape: tuple[int, ...], halo: int, spec: SlabSpec) -> int:
     marker = _marker(Path(output), f"probabilities-{axis}", index)
     if marker.exists():
         return 0
-    ax = AXES[axis]
-    half = (spec.n_slices - 1) // 2
-    pads = [half if d == ax else halo for d in range(3)]
-    data = _read_block(volume, block, pads)
-    probs = infer_block(data, axis, spec, [(p, p) for p in pads])
+    context = _context(block, shape, halo, AXES[axis], (spec.n_slices - 1) // 2)
+    probs = infer_block(_read_block(volume, block, context), axis, spec, context)
     arr = _open_out(output, f"probabilities/{axis}")
     arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -241,22 +250,20 @@ def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], bloc
 
 
 def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...],
-                block: tuple[tuple[int, int], ...], halo: int, spec: SlabSpec, method: str,
+                block: tuple[tuple[int, int], ...], shape: tuple[int, ...], halo: int, spec: SlabSpec, method: str,
                 label_values: list[int], outputs: tuple[str, ...]) -> int:
     marker = _marker(Path(output), "fused", index)
     if marker.exists():
         return 0
     half = (spec.n_slices - 1) // 2
-    pad = max(halo, half)
-    data = _read_block(volume, block, [pad] * 3)
+    contexts = [_context(block, shape, halo, AXES[axis], half) for axis in axes]
+    pads = [(max(c[d][0] for c in contexts), max(c[d][1] for c in contexts)) for d in range(3)]
+    data = _read_block(volume, block, pads)
     per_axis = []
-    for axis in axes:
-        ax = AXES[axis]
-        # along the axis keep `half` slices of context; in-plane, the same halo as the per-axis path
-        sub = tuple(slice(pad - half, data.shape[d] - pad + half) if d == ax else slice(pad - halo,
-                    data.shape[d] - pad + halo) for d in range(3))
-        crop = [(half, half) if d == ax else (halo, halo) for d in range(3)]
-        per_axis.append(infer_block(data[sub], axis, spec, crop))
+    for axis, context in zip(axes, contexts):
+        # each axis sees exactly the region the per-axis path reads for it
+        sub = tuple(slice(p - c, data.shape[d] - q + e) for d, ((p, q), (c, e)) in enumerate(zip(pads, context)))
+        per_axis.append(infer_block(data[sub], axis, spec, context))
     merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
     region = tuple(slice(a, b) for a, b in block)
     for i, name in enumerate(("labels", *outputs)):
@@ -349,14 +356,15 @@ def _tasks(plan: Plan) -> list[Any]:
     if plan.settings.fused:
         fused = dask.delayed(_fused_task, pure=False)
         for index in plan.grid:
-            tasks.append(fused(vol, out, plan.axes, index, plan.block(index), plan.halo, spec, plan.settings.merge,
+            tasks.append(fused(vol, out, plan.axes, index, plan.block(index), plan.shape, plan.halo, spec,
+                               plan.settings.merge,
                                plan.label_values, plan.outputs,
                                dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}"))
         return tasks
     axis_task = dask.delayed(_axis_task, pure=False)
     for axis in plan.axes:
         for index in plan.grid:
-            tasks.append(axis_task(vol, out, axis, index, plan.block(index), plan.halo, spec,
+            tasks.append(axis_task(vol, out, axis, index, plan.block(index), plan.shape, plan.halo, spec,
                                    dask_key_name=f"predict-{axis}-{'.'.join(map(str, index))}-{plan.run_key}"))
     return tasks
 
@@ -459,8 +467,9 @@ def predict_array(volume: da.Array | np.ndarray, model: str | os.PathLike[str], 
 
     For notebooks and pipelines that already hold a dask array; :func:`predict` is the path for
     volumes on disk (it reads each block's halo straight from the store, which holds less memory).
-    The border is mirrored with the edge repeated (dask's ``boundary="reflect"``), exactly as
-    :func:`predict` does, so both give the same probabilities.
+    Blocks overlap their neighbours by the halo; at the volume's border there is no halo (a plane
+    meets the edge as in a whole-volume prediction), exactly as in :func:`predict`, so both give the
+    same probabilities.
     """
     if axis not in AXES:
         raise ConfigError(f"axis: {axis!r} is not one of z, y, x")
@@ -482,9 +491,21 @@ def predict_array(volume: da.Array | np.ndarray, model: str | os.PathLike[str], 
                     batch_size=ps.batch_size, device=ps.device, amp=ps.amp, flips=ps.tta_flips,
                     rotations=_rotations(ps.axes)[1], combine=ps.merge, torch_threads=ps.torch_threads,
                     multiple=int(meta.get("pad_multiple", 32)))
-    crop = [(depth[d], depth[d]) for d in range(3)]
     classes = int(meta["classes"])
+    # mirrored 2.5D context along the axis; in-plane, overlap only between chunks (as predict does)
+    boundary = {d: ("reflect" if d == ax else "none") for d in range(3)}
     return da.map_overlap(
-        infer_block, vol, axis=axis, spec=spec, crop=crop, depth=depth, boundary="reflect", trim=False,
+        _infer_overlapped, vol, axis=axis, spec=spec, overlap=depth, depth=depth, boundary=boundary, trim=False,
         new_axis=0, chunks=((classes,), *vol.chunks), dtype=np.uint8, meta=np.empty((0, 0, 0, 0), np.uint8),
     )
+
+
+def _infer_overlapped(block: np.ndarray, axis: str, spec: SlabSpec, overlap: dict[int, int],
+                      block_info: dict[Any, Any] | None = None) -> np.ndarray:
+    """map_overlap's slab function: crop the overlap a block actually received (none at the border)."""
+    assert block_info is not None  # dask always passes it to a function that accepts it
+    location, counts = block_info[0]["chunk-location"], block_info[0]["num-chunks"]
+    ax = AXES[axis]
+    crop = [(overlap[d], overlap[d]) if d == ax else (overlap[d] if i > 0 else 0, overlap[d] if i < n - 1 else 0)
+            for d, (i, n) in enumerate(zip(location, counts))]
+    return infer_block(block, axis, spec, crop)
