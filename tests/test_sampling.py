@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import pytest
 import torch
@@ -269,3 +271,25 @@ def test_augmentation_moves_image_and_mask_together():
     assert not Augmenter(AugmentSettings(enabled=False))
     mapping = LabelMapping((0, 1))
     assert mapping.to_dict() == {"label_values": [0, 1], "ignore_label": None}
+
+
+def test_region_draws_stay_near_their_anchor_and_cut_cache_misses(tmp_path):
+    """A volume larger than the cache: grouped draws re-read far fewer blocks than independent ones."""
+    from volseg_dask.synthetic import write_demo_data
+
+    pair = write_demo_data(tmp_path, 192, seed=2, chunks=32)  # 14 MB image + 7 MB labels > a 16 MB cache
+    independent, _, _ = _dataset([pair], _data(cache_mb=16, region_slices=1), length=96)
+    grouped, _, _ = _dataset([pair], _data(cache_mb=16), length=96)
+    assert grouped.region_slices == 8 and independent.region_slices == 1  # auto: the volume does not fit
+    for i in range(96):
+        independent[i]
+        grouped[i]
+    assert grouped.cache.stats()["misses"] < 0.5 * independent.cache.stats()["misses"]
+    # determinism, and every member of a region shares its anchor's axis and cached block
+    again, _, _ = _dataset([pair], _data(cache_mb=16), length=96)
+    assert [again.spec(i) for i in range(96)] == [grouped.spec(i) for i in range(96)]
+    specs = [grouped.spec(i) for i in range(32)]  # one window: 4 regions of 8 slices
+    regions = {(s.axis, bisect.bisect_right(grouped._images[0]._edges[s.axis], s.position)) for s in specs}
+    assert len(regions) <= 4
+    fits, _, _ = _dataset([pair], _data(cache_mb=64), length=8)
+    assert fits.region_slices == 1

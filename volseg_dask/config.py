@@ -137,6 +137,11 @@ class DataSettings:
     cache_mb: int = _opt(
         512, help="Bound of the sampler's in-memory cache of Zarr slabs, per DataLoader worker (MB).", min=16
     )
+    region_slices: int | None = _opt(
+        None, help="Training slices drawn near each other (same axis and cached block) before moving on, so "
+        "volumes larger than the cache are not re-read for every slice; null: 1 when the volumes fit in "
+        "cache_mb, else 8.", min=1, max=256,
+    )
 
 
 @dataclass

@@ -78,6 +78,9 @@ IGNORE_INDEX = 255
 """Class index of voxels left out of loss and metrics (ignore_label, padding, held-out voxels)."""
 MAX_CLASSES = 255
 
+REGION_WINDOW = 4
+"""Regions a window of grouped training draws interleaves (see :meth:`SliceDataset.spec`)."""
+
 TRAIN, VAL, GUARD = 0, 1, 2
 """Roles of a slice position along one axis (see :func:`make_split`)."""
 
@@ -515,6 +518,9 @@ class SliceDataset(Dataset):
             raise ConfigError(f"no {what} slices: no volume has {what} positions along an axis with a positive "
                               "data.axis_weights")
         self._open_readers()
+        volume_bytes = sum(vol.image.nbytes + int(np.prod(vol.shape)) for vol in self.volumes)
+        auto = 1 if volume_bytes <= self.cache_bytes else 8
+        self.region_slices = (data.region_slices or auto) if role == "train" else 1
         self._fixed: list[SliceSpec] | None = None
         if role == "val":  # drawn once; duplicates (small planes, few positions) are dropped
             rng = np.random.default_rng([self.seed, 1])
@@ -564,10 +570,44 @@ class SliceDataset(Dataset):
         return SliceSpec(v, a, pos, (_offset(rng, shape[d1], self.size), _offset(rng, shape[d2], self.size)))
 
     def spec(self, index: int) -> SliceSpec:
-        """The slice behind ``index``."""
+        """The slice behind ``index``.
+
+        With ``region_slices = n > 1``, indices come in windows of ``REGION_WINDOW * n``: each window
+        draws ``REGION_WINDOW`` regions (a random slice, its "anchor") and ``n - 1`` more slices near
+        each anchor (same volume and axis, a position inside the anchor's cached block, the crop
+        shifted by at most a quarter), in a shuffled order. Consecutive samples then touch at most
+        ``REGION_WINDOW`` regions, which the cache holds, while a batch still mixes several regions.
+        """
         if self._fixed is not None:
             return self._fixed[index]
-        return self._draw(np.random.default_rng([self.seed, 0, int(index)]))
+        n = self.region_slices
+        if n <= 1:
+            return self._draw(np.random.default_rng([self.seed, 0, int(index)]))
+        span = REGION_WINDOW * n
+        window, slot = divmod(int(index), span)
+        k = int(np.random.default_rng([self.seed, 5, window]).permutation(span)[slot])
+        region, member = window * REGION_WINDOW + k // n, k % n
+        anchor = self._draw(np.random.default_rng([self.seed, 0, region]))
+        if member == 0:
+            return anchor
+        return self._near(anchor, np.random.default_rng([self.seed, 4, region, member]))
+
+    def _near(self, anchor: SliceSpec, rng: np.random.Generator) -> SliceSpec:
+        v, a = anchor.volume, anchor.axis
+        _, _, _, positions, cum = next(t for t in self._tables if t[1] == v and t[2] == a)
+        shape = self.volumes[v].shape
+        edges = self._images[v]._edges[a] if self._images[v]._edges else [0, shape[a]]
+        block = bisect.bisect_right(edges, anchor.position) - 1
+        inside = (positions >= edges[block]) & (positions < edges[block + 1])
+        weights = np.diff(np.concatenate([[0.0], cum]))[inside]
+        position = int(rng.choice(positions[inside], p=weights / weights.sum()))
+        d1, d2 = (d for d in range(3) if d != a)
+        jitter = max(1, self.size // 4)
+        offsets = tuple(
+            int(np.clip(o + rng.integers(-jitter, jitter + 1), min(0, n - self.size), max(0, n - self.size)))
+            for o, n in zip(anchor.offset, (shape[d1], shape[d2]))
+        )
+        return SliceSpec(v, a, position, offsets)  # type: ignore[arg-type]
 
     def read(self, spec: SliceSpec) -> tuple[np.ndarray, np.ndarray]:
         """Raw image stack ``(n_slices, S, S)`` (reflect-padded) and classes ``(S, S)`` (IGNORE-padded)."""
