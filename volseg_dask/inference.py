@@ -93,22 +93,42 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tupl
     return x, (h, w)
 
 
+def _logits(model: torch.nn.Module, planes: np.ndarray, device: torch.device, multiple: int) -> torch.Tensor:
+    """Logits (N, C, H, W) of one batch of normalised planes, padded to ``multiple`` and cropped back.
+
+    Call under ``torch.inference_mode()`` and :func:`volseg_dask.device.autocast`.
+    """
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    x = torch.from_numpy(np.ascontiguousarray(planes)).to(device)
+    x, (h, w) = _pad_to_multiple(x, multiple)
+    logits = model(x.contiguous(memory_format=memory_format))
+    if logits.shape[-2:] != x.shape[-2:]:
+        raise RuntimeError(f"the network returned {tuple(logits.shape[-2:])} for an input of "
+                           f"{tuple(x.shape[-2:])}; its architecture does not keep the input size")
+    return logits[..., :h, :w]
+
+
 def predict_planes(model: torch.nn.Module, planes: np.ndarray, *, device: torch.device, batch_size: int = 4,
                    multiple: int = 32, amp: bool = True) -> np.ndarray:
     """Softmax probabilities (N, C, H, W) float32 of normalised planes (N, channels, H, W)."""
     out: list[np.ndarray] = []
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     with torch.inference_mode(), autocast(device, amp):
         for start in range(0, len(planes), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(planes[start:start + batch_size])).to(device)
-            x, (h, w) = _pad_to_multiple(x, multiple)
-            logits = model(x.contiguous(memory_format=memory_format))
-            if logits.shape[-2:] != x.shape[-2:]:
-                raise RuntimeError(f"the network returned {tuple(logits.shape[-2:])} for an input of "
-                                   f"{tuple(x.shape[-2:])}; its architecture does not keep the input size")
-            probs = torch.softmax(logits.float(), dim=1)[..., :h, :w]
-            out.append(probs.cpu().numpy())
+            logits = _logits(model, planes[start:start + batch_size], device, multiple)
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    if len(out) == 1:
+        return out[0]
     return np.concatenate(out) if out else np.empty((0, 0, 0, 0), np.float32)
+
+
+def _uint8_probabilities(model: torch.nn.Module, planes: np.ndarray, crop: tuple[slice, slice], *,
+                         device: torch.device, multiple: int, amp: bool) -> np.ndarray:
+    """``to_uint8`` of the cropped softmax of one batch, computed on the device (bit-identical to it):
+    the crop comes first, so the softmax and the conversion skip the halo and 1 byte per value leaves."""
+    with torch.inference_mode(), autocast(device, amp):
+        logits = _logits(model, planes, device, multiple)[(..., *crop)]
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -164,13 +184,21 @@ def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tup
     x = np.moveaxis(block, ax, 0)  # (n, h, w) view: planes perpendicular to the axis
     (lo, hi), (pa, pb), (qa, qb) = crop[ax], *(crop[d] for d in range(3) if d != ax)
     n, h, w = x.shape[0] - lo - hi, x.shape[1], x.shape[2]
-    out = np.empty((n, int(meta["classes"]), h - pa - pb, w - qa - qb), np.uint8)
+    kept = [size - a - b for size, (a, b) in zip(block.shape, crop)]
+    result = np.empty((int(meta["classes"]), *kept), np.uint8)  # (C, z, y, x)
+    out = np.moveaxis(result, ax + 1, 1)  # (C, n, h', w') view: batches land in their final place
     offsets = np.arange(-half, half + 1)[None, :]
+    variants = _variants(spec)
     for s in range(0, n, spec.batch_size):
         centre = np.arange(lo + s, lo + min(s + spec.batch_size, n))[:, None]
         planes = apply(x[centre + offsets], spec.normalization)  # (b, n_slices, h, w) float32
+        if variants == [(0, False)]:
+            probs8 = _uint8_probabilities(model, planes, (slice(pa, h - pb), slice(qa, w - qb)), device=device,
+                                          multiple=spec.multiple, amp=spec.amp)
+            out[:, s:s + len(centre)] = probs8.transpose(1, 0, 2, 3)
+            continue
         results = []
-        for k, flip in _variants(spec):
+        for k, flip in variants:
             v = np.rot90(planes, k, axes=(2, 3))
             if flip:
                 v = v[..., ::-1]
@@ -181,8 +209,8 @@ def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tup
             results.append(np.rot90(p, -k, axes=(2, 3)))
         probs = results[0] if len(results) == 1 else combine(
             results, "mean" if spec.combine == "vote" else spec.combine, class_axis=1)
-        out[s:s + len(centre)] = to_uint8(probs[:, :, pa:h - pb, qa:w - qb])
-    return np.ascontiguousarray(np.moveaxis(out, 0, ax + 1))  # (C, z, y, x)
+        out[:, s:s + len(centre)] = to_uint8(probs[:, :, pa:h - pb, qa:w - qb]).transpose(1, 0, 2, 3)
+    return result
 
 
 def to_uint8(probs: np.ndarray) -> np.ndarray:

@@ -242,7 +242,9 @@ def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], bloc
         return 0
     context = _context(block, shape, halo, AXES[axis], (spec.n_slices - 1) // 2)
     probs = infer_block(_read_block(volume, block, context), axis, spec, context)
-    arr = _open_out(output, f"probabilities/{axis}")
+    # probabilities are never all zero (they sum to ~255), so zarr's scan for an all-fill chunk (a second
+    # pass over the block, in zarr's one event-loop thread) is skipped
+    arr = _open_out(output, f"probabilities/{axis}").with_config({"write_empty_chunks": True})
     arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
