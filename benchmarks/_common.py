@@ -110,6 +110,21 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: 
     }
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def vm_hwm_mb() -> float:
+    """This process's resident-set high-water mark (``VmHWM``), MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -323,13 +323,11 @@ def _check(run: dict[str, Any], what: str, log: Path) -> None:
         raise PeerUnavailable(f"{what} exited {run['returncode']} (log: {log})\n{tail}")
 
 
-def run_peer(args: argparse.Namespace, train: dict[str, Path], unseen: dict[int, dict[str, Path]]) -> dict[str, Any]:
-    """Install (or reuse), configure, train and predict volume-segmantics; Dice, times and peak RSS."""
-    import tifffile
+def setup_peer(args: argparse.Namespace) -> dict[str, Any]:
+    """Install (or reuse) the peer, write its settings and driver, measure its start-up (imports)."""
     import yaml
 
     install = ensure_peer(args.peer_venv, args.reinstall_peer)
-    python = str(args.peer_venv / "bin" / "python")
     root = args.work_dir / "peer"
     settings_dir = root / "volseg-settings"
     for stale in ("data", "seg", "lightning_logs"):
@@ -345,59 +343,70 @@ def run_peer(args: argparse.Namespace, train: dict[str, Path], unseen: dict[int,
     env = peer_env()
     if args.peer_workers is not None:
         env["VOLSEG_NUM_WORKERS"] = str(args.peer_workers)
-
-    startup = measured([python, str(driver), "imports"], env=env, cwd=root)
+    ctx = {"python": str(args.peer_venv / "bin" / "python"), "root": root, "driver": str(driver), "env": env}
+    startup = measured([ctx["python"], ctx["driver"], "imports"], env=env, cwd=root)
     _check(startup, "peer imports", root / "imports.log")
+    ctx["record"] = {
+        "tool": f"{PEER_PACKAGE} {PEER_VERSION}", "install": install,
+        "settings": {"train": train_settings, "predict": predict_settings},
+        "startup_s": startup["wall_s"], "startup_peak_rss_mb": startup["peak_rss_mb"],
+        "startup_peak_pss_mb": startup["peak_pss_mb"], "predict": {},
+    }
+    return ctx
 
+
+def train_peer(ctx: dict[str, Any], args: argparse.Namespace, train: dict[str, Path]) -> None:
+    """Train the peer (legacy trainer patched onto the CPU), or take ``--peer-model``."""
+    root, env = ctx["root"], ctx["env"]
     if args.peer_model is not None:  # predict only, with a model this script trained before
         model = args.peer_model.resolve()
         if not model.is_file():
             raise PeerUnavailable(f"--peer-model {model} does not exist")
-        train_record: dict[str, Any] = {"reused_model": str(model), "model_mb": model.stat().st_size / 2**20}
-    else:
-        for stale in root.glob("*.pytorch"):
-            stale.unlink()
-        print(f"peer: training ({args.epochs} epochs, {args.architecture}/{args.encoder}, "
-              f"{args.image_size} px) on {train['image_h5'].name} ...", flush=True)
-        fit = measured([python, str(driver), "train", "--data", str(train["image_h5"]), "--labels",
-                        str(train["labels_h5"]), "--data_dir", str(root), "--legacy-trainer"], env=env, cwd=root)
-        _check(fit, "peer training", root / "train.log")
-        if "legacy trainer patched in-process" not in fit["output"]:
-            raise PeerUnavailable("peer training ran without the CPU patch: is there a GPU? (see train.log)")
-        models = sorted(root.glob("*_bench_model.pytorch"))
-        if len(models) != 1:
-            raise PeerUnavailable(f"expected one trained model in {root}, found {models}")
-        model = models[0]
-        train_record = _train_record(fit, model, train["image_h5"])
-        print(f"peer: trained in {fit['wall_s']:.0f} s", flush=True)
-    out: dict[str, Any] = {
-        "tool": f"{PEER_PACKAGE} {PEER_VERSION}", "install": install, "settings": {"train": train_settings,
-                                                                                   "predict": predict_settings},
-        "startup_s": startup["wall_s"], "startup_peak_rss_mb": startup["peak_rss_mb"], "train": train_record,
-        "predict": {},
-    }
+        ctx["model"] = model
+        ctx["record"]["train"] = {"reused_model": str(model), "model_mb": model.stat().st_size / 2**20}
+        return
+    for stale in root.glob("*.pytorch"):
+        stale.unlink()
+    print(f"peer: training ({args.epochs} epochs, {args.architecture}/{args.encoder}, "
+          f"{args.image_size} px) on {train['image_h5'].name} ...", flush=True)
+    fit = measured([ctx["python"], ctx["driver"], "train", "--data", str(train["image_h5"]), "--labels",
+                    str(train["labels_h5"]), "--data_dir", str(root), "--legacy-trainer"], env=env, cwd=root)
+    _check(fit, "peer training", root / "train.log")
+    if "legacy trainer patched in-process" not in fit["output"]:
+        raise PeerUnavailable("peer training ran without the CPU patch: is there a GPU? (see train.log)")
+    models = sorted(root.glob("*_bench_model.pytorch"))
+    if len(models) != 1:
+        raise PeerUnavailable(f"expected one trained model in {root}, found {models}")
+    ctx["model"] = models[0]
+    ctx["record"]["train"] = _train_record(fit, models[0], train["image_h5"])
+    print(f"peer: trained in {fit['wall_s']:.0f} s", flush=True)
 
-    for size, paths in unseen.items():
-        stem = paths["image_h5"].stem
-        runs = []
-        for rep in range(args.repeats):
-            for stale in root.glob(f"*_{stem}_2d_model_vol_pred.tif"):
-                stale.unlink()
-            print(f"peer: predicting {size}^3 (repeat {rep + 1}/{args.repeats}) ...", flush=True)
-            run = measured([python, str(driver), "predict", str(model), str(paths["image_h5"]),
-                            "--data_dir", str(root)], env=env, cwd=root)
-            _check(run, f"peer prediction {size}^3", root / f"predict_{size}_{rep}.log")
-            runs.append(_run_record(run))
-        preds = sorted(root.glob(f"*_{stem}_2d_model_vol_pred.tif"))
-        if len(preds) != 1:
-            raise PeerUnavailable(f"expected one prediction for {stem} in {root}, found {preds}")
-        pred = tifffile.imread(preds[0])
-        cm = confusion(pred, paths["labels_zarr"])
-        out["predict"][str(size)] = _summary(size, runs, cm)
-        print(f"peer: {size}^3 in {out['predict'][str(size)]['wall_s']:.0f} s, "
-              f"peak {out['predict'][str(size)]['peak_rss_mb'] / 1024:.2f} GB, "
-              f"mean Dice {out['predict'][str(size)]['dice']['mean']:.3f}", flush=True)
-    return out
+
+def _peer_outputs(root: Path, paths: dict[str, Path]) -> list[Path]:
+    return sorted(root.glob(f"*_{paths['image_h5'].stem}_2d_model_vol_pred.tif"))
+
+
+def predict_peer(ctx: dict[str, Any], size: int, paths: dict[str, Path], rep: int) -> dict[str, Any]:
+    """One prediction of the peer (3 axes, ``quality: medium``): its run record."""
+    root = ctx["root"]
+    for stale in _peer_outputs(root, paths):
+        stale.unlink()
+    print(f"peer: predicting {size}^3 (repeat {rep + 1}) ...", flush=True)
+    run = measured([ctx["python"], ctx["driver"], "predict", str(ctx["model"]), str(paths["image_h5"]),
+                    "--data_dir", str(root)], env=ctx["env"], cwd=root)
+    _check(run, f"peer prediction {size}^3", root / f"predict_{size}_{rep}.log")
+    return _run_record(run)
+
+
+def score_peer(ctx: dict[str, Any], paths: dict[str, Path]) -> np.ndarray:
+    """Confusion matrix of the peer's last prediction of ``paths`` against the truth."""
+    import tifffile
+
+    preds = _peer_outputs(ctx["root"], paths)
+    if len(preds) != 1:
+        raise PeerUnavailable(f"expected one prediction for {paths['image_h5'].stem} in {ctx['root']}, "
+                              f"found {preds}")
+    return confusion(tifffile.imread(preds[0]), paths["labels_zarr"])
 
 
 def _train_record(fit: dict[str, Any], model: Path, volume: Path) -> dict[str, Any]:
@@ -420,6 +429,10 @@ def _summary(size: int, runs: list[dict[str, float]], cm: np.ndarray) -> dict[st
 # ---- ours: volseg_dask through its CLI --------------------------------------------------------------------
 
 
+def ours_env() -> dict[str, str]:
+    return {**os.environ, **PEER_ENV}
+
+
 def volseg_command() -> list[str]:
     exe = Path(sys.executable).parent / "volseg"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "volseg_dask.cli"]
@@ -431,54 +444,74 @@ def ours_settings(args: argparse.Namespace) -> dict[str, Any]:
         "model": {"architecture": args.architecture, "encoder": args.encoder, "encoder_weights": None},
         "data": {"image_size": args.image_size},
         "train": {"epochs": args.epochs, "batch_size": 8, "patience": args.epochs, "frozen_epochs": 0, "seed": 0},
-        "predict": {"axes": "zyx", "merge": "max"},
+        # our prediction defaults (blocks 256^3, halo 32, uint8 per-axis probabilities merged blockwise)
+        # except the batch: 8 planes per forward pass, as the peer's
+        "predict": {"axes": "zyx", "merge": "max", "batch_size": 8},
     }
 
 
-def run_ours(args: argparse.Namespace, train: dict[str, Path], unseen: dict[int, dict[str, Path]]) -> dict[str, Any]:
-    """volseg train / predict / evaluate as a user runs them; Dice, times and peak RSS."""
+#: what every ``volseg predict`` imports before it predicts (torch, smp, the package): the baseline
+OURS_IMPORTS = ("import torch, segmentation_models_pytorch, dask.array, zarr, volseg_dask.cli, "
+                "volseg_dask.prediction, volseg_dask.inference, volseg_dask.votes")
+
+
+def setup_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Write our settings YAML; measure the import baseline (torch + smp + volseg_dask) as for the peer."""
     import yaml
-    import zarr
 
     root = args.work_dir / "ours"
     root.mkdir(parents=True, exist_ok=True)
     settings = ours_settings(args)
     config = root / "settings.yaml"
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    volseg = volseg_command()
-    model = root / "model.pt"
+    startup = measured([sys.executable, "-c", OURS_IMPORTS], env=ours_env())
+    if startup["returncode"] != 0:
+        raise RuntimeError(f"importing volseg_dask failed:\n{startup['output'][-3000:]}")
+    return {"root": root, "config": config, "volseg": volseg_command(), "model": root / "model.pt",
+            "record": {"tool": "volseg_dask", "settings": settings, "startup_s": startup["wall_s"],
+                       "startup_peak_rss_mb": startup["peak_rss_mb"], "startup_peak_pss_mb": startup["peak_pss_mb"],
+                       "predict": {}}}
 
+
+def train_ours(ctx: dict[str, Any], args: argparse.Namespace, train: dict[str, Path]) -> None:
+    """``volseg train`` as a user runs it."""
     print(f"ours: training ({args.epochs} epochs) on {train['image_zarr'].name} ...", flush=True)
-    fit = measured([*volseg, "train", str(train["image_zarr"]), str(train["labels_zarr"]), "-o", str(model),
-                    "-c", str(config), "--overwrite"])
-    (root / "train.log").write_text(fit["output"])
+    fit = measured([*ctx["volseg"], "train", str(train["image_zarr"]), str(train["labels_zarr"]),
+                    "-o", str(ctx["model"]), "-c", str(ctx["config"]), "--overwrite"], env=ours_env())
+    (ctx["root"] / "train.log").write_text(fit["output"])
     if fit["returncode"] != 0:
         raise RuntimeError(f"volseg train exited {fit['returncode']}:\n{fit['output'][-3000:]}")
-    out: dict[str, Any] = {"tool": "volseg_dask", "settings": settings,
-                           "train": _train_record(fit, model, train["image_zarr"]),
-                           "predict": {}}
+    ctx["record"]["train"] = _train_record(fit, ctx["model"], train["image_zarr"])
     print(f"ours: trained in {fit['wall_s']:.0f} s", flush=True)
 
-    for size, paths in unseen.items():
-        target = root / f"pred_{size}.zarr"
-        runs = []
-        for rep in range(args.repeats):
-            print(f"ours: predicting {size}^3 (repeat {rep + 1}/{args.repeats}) ...", flush=True)
-            run = measured([*volseg, "predict", str(paths["image_zarr"]), str(model), "-o", str(target),
-                            "-c", str(config), "--axes", "zyx", "--merge", "max", "--overwrite"])
-            (root / f"predict_{size}_{rep}.log").write_text(run["output"])
-            if run["returncode"] != 0:
-                raise RuntimeError(f"volseg predict exited {run['returncode']}:\n{run['output'][-3000:]}")
-            runs.append(_run_record(run))
-        scores_json = root / f"evaluate_{size}.json"
-        ev = subprocess.run([*volseg, "evaluate", str(target / "labels"), str(paths["labels_zarr"]),
-                             "--json", str(scores_json)], capture_output=True, text=True)
-        if ev.returncode != 0:
-            raise RuntimeError(f"volseg evaluate exited {ev.returncode}:\n{ev.stdout}{ev.stderr}")
-        cm = confusion(zarr.open_array(str(target / "labels"), mode="r"), paths["labels_zarr"])
-        out["predict"][str(size)] = _summary(size, runs, cm)
-        out["predict"][str(size)]["volseg_evaluate"] = json.loads(scores_json.read_text())
-    return out
+
+def predict_ours(ctx: dict[str, Any], size: int, paths: dict[str, Path], rep: int) -> dict[str, Any]:
+    """One ``volseg predict --axes zyx --merge max``: its run record (plus the CLI's own summary line)."""
+    target = ctx["root"] / f"pred_{size}.zarr"
+    print(f"ours: predicting {size}^3 (repeat {rep + 1}) ...", flush=True)
+    run = measured([*ctx["volseg"], "predict", str(paths["image_zarr"]), str(ctx["model"]), "-o", str(target),
+                    "-c", str(ctx["config"]), "--axes", "zyx", "--merge", "max", "--overwrite"], env=ours_env())
+    (ctx["root"] / f"predict_{size}_{rep}.log").write_text(run["output"])
+    if run["returncode"] != 0:
+        raise RuntimeError(f"volseg predict exited {run['returncode']}:\n{run['output'][-3000:]}")
+    record = _run_record(run)
+    record["summary"] = next((line for line in run["output"].splitlines() if line.startswith("wrote ")), None)
+    return record
+
+
+def score_ours(ctx: dict[str, Any], size: int, paths: dict[str, Path]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Confusion matrix of our prediction against the truth, and ``volseg evaluate``'s own JSON."""
+    import zarr
+
+    target = ctx["root"] / f"pred_{size}.zarr"
+    scores_json = ctx["root"] / f"evaluate_{size}.json"
+    ev = subprocess.run([*ctx["volseg"], "evaluate", str(target / "labels"), str(paths["labels_zarr"]),
+                         "--json", str(scores_json)], capture_output=True, text=True, env=ours_env())
+    if ev.returncode != 0:
+        raise RuntimeError(f"volseg evaluate exited {ev.returncode}:\n{ev.stdout}{ev.stderr}")
+    # level 0 of the OME-Zarr label pyramid
+    cm = confusion(zarr.open_array(str(target / "labels" / "0"), mode="r"), paths["labels_zarr"])
+    return cm, json.loads(scores_json.read_text())
 
 
 # ---- report -----------------------------------------------------------------------------------------------
@@ -540,26 +573,85 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"train_volume": [args.train_size] * 3, "train_seed": SEED_TRAIN, "unseen_sizes": args.sizes,
                   "unseen_seed": SEED_UNSEEN, "epochs": args.epochs, "image_size": args.image_size,
                   "architecture": args.architecture, "encoder": args.encoder, "encoder_weights": None,
-                  "merge": "3 axes, max probability", "repeats": args.repeats, "classes": ["brine", "grain", "gas"]},
+                  "merge": "3 axes, max probability", "repeats": args.repeats, "classes": ["brine", "grain", "gas"],
+                  "order": "peer trains, then ours; predictions alternate (ABBA over sizes and repeats)"},
+        "log": [],
     }
-    table_rows = []
-    if not args.ours_only:
-        try:
-            results["peer"] = run_peer(args, train, unseen)
-        except PeerUnavailable as exc:
-            print(f"ERROR: the peer ({PEER_PACKAGE} {PEER_VERSION}) could not be run: {exc}", file=sys.stderr)
-            return 2
-        table_rows += rows(results["peer"], f"vs {PEER_VERSION}")
-    if not args.peer_only:
-        results["ours"] = run_ours(args, train, unseen)
-        table_rows += rows(results["ours"], "volseg_dask")
     name = args.name or ("bench_vs_volume_segmantics_peer" if args.peer_only else
                          "bench_vs_volume_segmantics_ours" if args.ours_only else "bench_vs_volume_segmantics")
-    write_results(name, results)
+    tools: dict[str, dict[str, Any]] = {}
+
+    def save(step: str) -> None:  # after every step: a crash or a kill loses at most the running step
+        results["log"].append({"step": step, "time": time.strftime("%H:%M:%S")})
+        for key, ctx in tools.items():
+            results[key] = ctx["record"]
+        write_results(name, results)
+
+    try:
+        if not args.ours_only:
+            tools["peer"] = setup_peer(args)
+            train_peer(tools["peer"], args, train)
+            save("peer trained")
+        if not args.peer_only:
+            tools["ours"] = setup_ours(args)
+            train_ours(tools["ours"], args, train)
+            save("ours trained")
+        predictors = {"peer": predict_peer, "ours": predict_ours}
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        turn = 0
+        for size, paths in unseen.items():
+            for rep in range(args.repeats):
+                order = list(tools) if turn % 2 == 0 else list(tools)[::-1]
+                turn += 1
+                for key in order:
+                    runs.setdefault((key, size), []).append(predictors[key](tools[key], size, paths, rep))
+                    save(f"{key} predicted {size}^3 (repeat {rep + 1})")
+            for key, ctx in tools.items():
+                if key == "peer":
+                    cm, extra = score_peer(ctx, paths), {}
+                else:
+                    cm, scores = score_ours(ctx, size, paths)
+                    extra = {"volseg_evaluate": scores}
+                summary = ctx["record"]["predict"][str(size)] = {**_summary(size, runs[key, size], cm), **extra}
+                print(f"{key}: {size}^3 in {summary['wall_s']:.0f} s, peak {summary['peak_rss_mb'] / 1024:.2f} GB, "
+                      f"mean Dice {summary['dice']['mean']:.3f}", flush=True)
+            save(f"{size}^3 scored")
+    except PeerUnavailable as exc:
+        print(f"ERROR: the peer ({PEER_PACKAGE} {PEER_VERSION}) could not be run: {exc}", file=sys.stderr)
+        return 2
+    table_rows = []
+    for key, label in (("peer", f"vs {PEER_VERSION}"), ("ours", "volseg_dask")):
+        if key in tools:
+            table_rows += rows(tools[key]["record"], label)
     print()
     print(table(table_rows, ["tool", "volume", "dice_brine", "dice_grain", "dice_gas", "dice_mean", "train_s",
                              "predict_s", "peak_rss_gb", "peak_pss_gb", "bytes/voxel"]))
+    for key in tools:
+        rec = tools[key]["record"]
+        print(f"{key}: import baseline {rec['startup_s']:.1f} s, peak RSS {rec['startup_peak_rss_mb'] / 1024:.2f} GB")
+    if len(tools) == 2:
+        print()
+        print(table(comparison(results), ["volume", "dice_mean_diff", "predict_time_ratio", "peak_rss_ratio",
+                                          "peak_rss_ratio_above_baseline"]))
     return 0
+
+
+def comparison(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ours relative to the peer per size: Dice difference, time ratio, peak RSS ratio (also above each
+    tool's import baseline)."""
+    peer, ours = results["peer"], results["ours"]
+    out = []
+    for size, p in peer["predict"].items():
+        o = ours["predict"].get(size)
+        if o is None:
+            continue
+        above = ((o["peak_rss_mb"] - ours["startup_peak_rss_mb"])
+                 / max(1e-9, p["peak_rss_mb"] - peer["startup_peak_rss_mb"]))
+        out.append({"volume": f"{size}^3", "dice_mean_diff": o["dice"]["mean"] - p["dice"]["mean"],
+                    "predict_time_ratio": o["wall_s"] / p["wall_s"],
+                    "peak_rss_ratio": o["peak_rss_mb"] / p["peak_rss_mb"],
+                    "peak_rss_ratio_above_baseline": above})
+    return out
 
 
 if __name__ == "__main__":
