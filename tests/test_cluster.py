@@ -25,17 +25,44 @@ def vol(tmp_path_factory):
     return write_demo_data(tmp_path_factory.mktemp("c"), 32, seed=9, chunks=16)[0]
 
 
-def test_cli_local_cluster_equals_threads(vol, tiny_model, tmp_path):
-    common = ["--chunks", "16", "--halo", "8", "--axes", "zx"]
-    threads = CliRunner().invoke(cli, ["predict", str(vol), str(tiny_model), "-o", str(tmp_path / "t.zarr"), *common])
-    assert threads.exit_code == 0, threads.output
+COMMON = ["--chunks", "16", "--halo", "8", "--axes", "zx"]
+
+
+@pytest.fixture(scope="module")
+def threaded(vol, tiny_model, tmp_path_factory):
+    """The reference: the same prediction on dask's threaded scheduler (no cluster)."""
+    out = tmp_path_factory.mktemp("threads") / "t.zarr"
+    result = CliRunner().invoke(cli, ["predict", str(vol), str(tiny_model), "-o", str(out), *COMMON])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _assert_same(out, ref):
+    for name in ("labels", "confidence", "probabilities/z", "probabilities/x"):
+        np.testing.assert_array_equal(read_array(out / name), read_array(ref / name), err_msg=name)
+
+
+def test_cli_local_cluster_equals_threads(vol, tiny_model, threaded, tmp_path):
     clustered = CliRunner().invoke(cli, ["predict", str(vol), str(tiny_model), "-o", str(tmp_path / "c.zarr"),
-                                         "--workers", "2", *common])
+                                         "--workers", "2", *COMMON])
     assert clustered.exit_code == 0, clustered.output
     assert "dashboard: http" in clustered.output
-    for name in ("labels", "probabilities/z", "probabilities/x"):
-        np.testing.assert_array_equal(read_array(tmp_path / "c.zarr" / name),
-                                      read_array(tmp_path / "t.zarr" / name), err_msg=name)
+    _assert_same(tmp_path / "c.zarr", threaded)
+
+
+def test_cli_on_an_existing_scheduler_equals_threads(vol, tiny_model, threaded, tmp_path):
+    """`volseg predict --scheduler ADDRESS` against a real cluster of 2 worker processes started here."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        result = CliRunner().invoke(cli, ["predict", str(vol), str(tiny_model), "-o", str(tmp_path / "s.zarr"),
+                                          "--scheduler", cluster.scheduler_address, *COMMON])
+        assert result.exit_code == 0, result.output
+        assert f"connected to {cluster.scheduler_address}" in result.output
+        with Client(cluster) as client:  # the inference tasks went through this scheduler
+            prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+        assert any(p.startswith("predict-") for p in prefixes), prefixes
+    _assert_same(tmp_path / "s.zarr", threaded)
 
 
 def test_bad_scheduler_address_is_one_clear_line(vol, tiny_model, tmp_path):
