@@ -95,3 +95,46 @@ def test_inference_tasks_go_only_to_gpu_workers(vol, tiny_model, tmp_path):
             plain.terminate()
             plain.wait(timeout=30)
             time.sleep(0.5)
+
+
+def test_convert_merge_evaluate_on_a_local_cluster_equal_threads(vol, threaded, tmp_path):
+    """The other cluster verbs through the API inside ``with Client(...)``: same results as threads."""
+    import shutil
+
+    from distributed import Client, LocalCluster
+
+    from volseg_dask.io import convert
+    from volseg_dask.metrics import evaluate
+    from volseg_dask.votes import merge
+
+    source = tmp_path / "vol.npy"
+    np.save(source, read_array(vol)[:, 3:, 5:])  # uneven against the chunks below
+    truth = vol.parent / "labels.zarr"
+    for name in ("t", "c"):
+        shutil.copytree(threaded, tmp_path / f"{name}.zarr")
+    convert(source, tmp_path / "t.vol.zarr", chunks=(16, 8, 12))
+    merge(tmp_path / "t.zarr", method="vote", outputs=["disagreement"])
+    scores = evaluate(tmp_path / "t.zarr" / "labels", truth).to_dict()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        convert(source, tmp_path / "c.vol.zarr", chunks=(16, 8, 12))
+        merge(tmp_path / "c.zarr", method="vote", outputs=["disagreement"])
+        clustered = evaluate(tmp_path / "c.zarr" / "labels", truth).to_dict()
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert len(prefixes) >= 3, prefixes  # the graphs ran on the cluster
+    np.testing.assert_array_equal(read_array(tmp_path / "c.vol.zarr"), read_array(tmp_path / "t.vol.zarr"))
+    np.testing.assert_array_equal(read_array(tmp_path / "c.vol.zarr"), np.load(source))
+    for name in ("labels", "disagreement"):
+        np.testing.assert_array_equal(read_array(tmp_path / "c.zarr" / name), read_array(tmp_path / "t.zarr" / name),
+                                      err_msg=name)
+    assert clustered == scores
+
+
+def test_cli_convert_on_a_local_cluster(tmp_path):
+    data = np.arange(20 * 24 * 28, dtype=np.uint16).reshape(20, 24, 28)
+    np.save(tmp_path / "v.npy", data)
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "v.npy"), str(tmp_path / "v.zarr"), "--chunks", "8",
+                                      "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "dashboard: http" in result.output
+    np.testing.assert_array_equal(read_array(tmp_path / "v.zarr"), data)

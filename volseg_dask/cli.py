@@ -111,6 +111,14 @@ def _chunks(value: str | None) -> tuple[int, ...] | None:
 # ---- data -------------------------------------------------------------------------------------
 
 
+def _scheduler_options(func: Any) -> Any:
+    func = click.option("--scheduler", "address", default=None, metavar="ADDRESS",
+                        help="Run on an existing dask scheduler (tcp://host:8786).")(func)
+    func = click.option("--workers", type=click.IntRange(1), default=None,
+                        help="Start a local dask-distributed cluster of N worker processes.")(func)
+    return func
+
+
 @cli.command()
 @click.argument("src")
 @click.argument("dst", type=click.Path(path_type=Path))
@@ -119,13 +127,17 @@ def _chunks(value: str | None) -> tuple[int, ...] | None:
               type=click.Choice(["zstd", "lz4", "lz4hc", "zlib", "blosclz"]), help="Blosc compressor.")
 @click.option("--clevel", default=5, show_default=True, type=click.IntRange(0, 9), help="Compression level.")
 @click.option("--overwrite", is_flag=True, help="Replace DST once the new array is complete.")
+@_scheduler_options
 @click.pass_obj
-def convert(state: _State, src: str, dst: Path, chunks: str, codec: str, clevel: int, overwrite: bool) -> None:
+def convert(state: _State, src: str, dst: Path, chunks: str, codec: str, clevel: int, overwrite: bool,
+            workers: int | None, address: str | None) -> None:
     """Convert a volume (TIFF, TIFF folder, HDF5 file.h5:/key, NPY, MRC, Zarr) to Zarr v3."""
+    from .cluster import dask_scheduler
     from .io import convert as api
 
-    out = api(src, dst, chunks=_chunks(chunks) or (128,) * 3, codec=codec, clevel=clevel, overwrite=overwrite,
-              progress=state.progress)
+    with dask_scheduler(workers, address, echo=click.echo):
+        out = api(src, dst, chunks=_chunks(chunks) or (128,) * 3, codec=codec, clevel=clevel, overwrite=overwrite,
+                  progress=state.progress)
     click.echo(f"wrote {out}")
 
 
@@ -316,14 +328,6 @@ def _peak_memory(workers: int | None, address: str | None) -> str:
     import resource
 
     return f", peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
-
-
-def _scheduler_options(func: Any) -> Any:
-    func = click.option("--scheduler", "address", default=None, metavar="ADDRESS",
-                        help="Run on an existing dask scheduler (tcp://host:8786).")(func)
-    func = click.option("--workers", type=click.IntRange(1), default=None,
-                        help="Start a local dask-distributed cluster of N worker processes.")(func)
-    return func
 
 
 @cli.command()
