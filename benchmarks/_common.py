@@ -15,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import psutil
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict[str, Any]:
@@ -108,6 +110,35 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: 
         "returncode": proc.returncode,
         "output": output,
     }
+
+
+def run_child(module: str, args: Sequence[str], *, timeout: float = 3600) -> dict[str, Any]:
+    """Run ``python -m benchmarks.MODULE ARGS`` measured (``run_measured``); merge its last JSON line.
+
+    The child prints one JSON object as its last ``{``-line; the result is that object plus the
+    parent's ``peak_rss_mb`` (whole process tree) and ``wall_s``. A failed child stops the benchmark.
+    """
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", *args]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    res = run_measured(cmd, env=env, cwd=REPO, timeout=timeout)
+    if res["returncode"] != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({res['returncode']}):\n{res['output']}")
+    last = [line for line in res["output"].splitlines() if line.startswith("{")][-1]
+    return {"peak_rss_mb": res["peak_rss_mb"], "wall_s": res["wall_s"], **json.loads(last)}
+
+
+def default_workdir() -> Path:
+    """Where benchmarks put their (large) scratch data: /work when writable, else the temp folder."""
+    for base in (Path("/work"), Path(tempfile.gettempdir())):
+        if base.is_dir() and os.access(base, os.W_OK):
+            return base
+    return Path.cwd()
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of all files below ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def cpu_seconds() -> float:

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import median, run_measured, table, write_results
+from benchmarks._common import default_workdir, disk_bytes, median, run_child, table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("convert", "to_zarr", "to_zarr_name_false")
@@ -156,30 +156,19 @@ def _check_output(dst: Path, src: Path, chunk: int, samples: int = 6) -> None:
             raise SystemExit(f"{dst}: output differs from {src} in {region}")
 
 
-def _disk_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
 
 
 # ---- driver ---------------------------------------------------------------------------------------
 
 
-def _default_workdir() -> Path:
-    for base in (Path("/work"), Path(tempfile.gettempdir())):
-        if base.is_dir() and os.access(base, os.W_OK):
-            return base
-    return Path.cwd()
+
 
 
 def _run_one(method: str, src: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_convert", "--child", method, "--src", str(src),
-           "--dst", str(dst), "--chunk", str(args.chunk), "--codec", args.codec, "--clevel", str(args.clevel)]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
-    res = run_measured(cmd, env=env, cwd=REPO, timeout=3600)
-    if res["returncode"] != 0:
-        raise SystemExit(f"{method} failed ({res['returncode']}):\n{res['output']}")
-    last = [line for line in res["output"].splitlines() if line.startswith("{")][-1]
-    child = json.loads(last)
-    return {"method": method, "peak_rss_mb": res["peak_rss_mb"], "wall_s": res["wall_s"], **child}
+    return {"method": method, **run_child("bench_convert", [
+        "--child", method, "--src", str(src), "--dst", str(dst), "--chunk", str(args.chunk), "--codec", args.codec,
+        "--clevel", str(args.clevel)])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sizes = sorted(set(args.sizes))
-    base = args.workdir or _default_workdir()
+    base = args.workdir or default_workdir()
     need = sum(2 * n**3 for n in sizes) + 2**30  # inputs + one uncompressed-size output + margin
     free = shutil.disk_usage(base).free
     print(f"work folder under {base}: {free / 2**30:.1f} GB free, {need / 2**30:.1f} GB needed")
@@ -230,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     dst = work / f"out{n}-{method}-{r}.zarr"
                     run = _run_one(method, src, dst, args)
                     run.update(size=n, repeat=r, mb_s=n**3 / 2**20 / run["seconds"],
-                               stored_mb=_disk_size(dst) / 2**20)
+                               stored_mb=disk_bytes(dst) / 2**20)
                     if r == 0:
                         _check_output(dst, src, args.chunk)
                     shutil.rmtree(dst)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -38,7 +37,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import cpu_seconds, median, run_measured, table, vm_hwm_mb, write_results
+from benchmarks._common import (
+    cpu_seconds,
+    default_workdir,
+    disk_bytes,
+    median,
+    run_child,
+    table,
+    vm_hwm_mb,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 AXES = "zyx"
@@ -161,15 +169,10 @@ def _child(method: str, path: str, threads: int) -> dict[str, Any]:
 # ---- driver -----------------------------------------------------------------------------------------
 
 
-def _default_workdir() -> Path:
-    for base in (Path("/work"), Path(tempfile.gettempdir())):
-        if base.is_dir() and os.access(base, os.W_OK):
-            return base
-    return Path.cwd()
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 
 
 def _warm(path: Path) -> None:
@@ -179,15 +182,8 @@ def _warm(path: Path) -> None:
 
 
 def _run_one(method: str, path: Path, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_merge", "--child", method, "--path", str(path),
-           "--threads", str(threads)]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    res = run_measured(cmd, env=env, cwd=REPO, timeout=3600)
-    if res["returncode"] != 0:
-        raise SystemExit(f"{method} failed ({res['returncode']}):\n{res['output']}")
-    last = [line for line in res["output"].splitlines() if line.startswith("{")][-1]
-    return {"method": method, "peak_rss_mb": res["peak_rss_mb"], "wall_s": res["wall_s"], **json.loads(last)}
+    return {"method": method, **run_child("bench_merge", ["--child", method, "--path", str(path),
+                                                          "--threads", str(threads)])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(args.child, args.path, args.threads)), flush=True)
         return 0
 
-    base = args.workdir or _default_workdir()
+    base = args.workdir or default_workdir()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_merge-", dir=base))
     runs: list[dict[str, Any]] = []
@@ -219,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             make_prediction_output(path, n, args.chunk)
             _warm(path / "probabilities")
             inputs[n] = {"generate_s": time.perf_counter() - t0,
-                         "probabilities_mb": _disk_bytes(path / "probabilities") / 2**20,
+                         "probabilities_mb": disk_bytes(path / "probabilities") / 2**20,
                          "probabilities_raw_mb": 3 * CLASSES * n**3 / 2**20}
             print(f"{n}³: per-axis probabilities written in {inputs[n]['generate_s']:.1f} s "
                   f"({inputs[n]['probabilities_mb']:.0f} MB on disk)", flush=True)
@@ -229,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                     run.update(size=n, repeat=r)
                     if method == "merge" and r == 0:
                         run["blocks_checked"] = check_merge(path, args.chunk)
-                        run["written_mb"] = sum(_disk_bytes(path / name) for name in ("labels", "confidence")) / 2**20
+                        run["written_mb"] = sum(disk_bytes(path / name) for name in ("labels", "confidence")) / 2**20
                     runs.append(run)
                     print(f"  {method:5s} #{r}: {run['seconds']:6.2f} s (blockwise {run['merge_s']:6.2f} s, "
                           f"pyramid {run['pyramid_s']:5.2f} s)  cpu {run['cpu_s']:6.2f} s  peak RSS "

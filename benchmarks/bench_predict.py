@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -63,7 +62,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import cpu_seconds, median, run_measured, table, vm_hwm_mb, write_results
+from benchmarks._common import (
+    cpu_seconds,
+    default_workdir,
+    disk_bytes,
+    median,
+    run_child,
+    table,
+    vm_hwm_mb,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("throughput", "profile", "memory", "sweep")
@@ -135,8 +143,7 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
 
 
 def _warm_model(model_path: str, threads: int, batch: int, side: int) -> None:
@@ -199,8 +206,8 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
         c0 = cpu_seconds()
         result = prediction.predict(spec["volume"], spec["model"], out, settings, overwrite=True)
         cpu = cpu_seconds() - c0
-    written = _disk_bytes(out)
-    probs = _disk_bytes(out / "probabilities") if (out / "probabilities").exists() else 0
+    written = disk_bytes(out)
+    probs = disk_bytes(out / "probabilities") if (out / "probabilities").exists() else 0
     return {
         "seconds": result.seconds, "cpu_s": cpu, "tasks_s": tasks.seconds, "tasks_cpu_s": tasks.cpu,
         "merge_s": merge.seconds, "pyramid_s": pyramid.seconds, "blocks": result.blocks_computed,
@@ -368,22 +375,11 @@ CHILDREN = {"predict": child_predict, "raw": child_raw, "profile": child_profile
 # ---- driver ---------------------------------------------------------------------------------------
 
 
-def _default_workdir() -> Path:
-    for base in (Path("/work"), Path(tempfile.gettempdir())):
-        if base.is_dir() and os.access(base, os.W_OK):
-            return base
-    return Path.cwd()
+
 
 
 def _run(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_predict", "--child", kind, "--spec", json.dumps(spec)]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    res = run_measured(cmd, env=env, cwd=REPO, timeout=7200)
-    if res["returncode"] != 0:
-        raise SystemExit(f"{kind} {spec} failed ({res['returncode']}):\n{res['output']}")
-    last = [line for line in res["output"].splitlines() if line.startswith("{")][-1]
-    return {"peak_rss_mb": res["peak_rss_mb"], "wall_s": res["wall_s"], **json.loads(last)}
+    return run_child("bench_predict", ["--child", kind, "--spec", json.dumps(spec)], timeout=7200)
 
 
 def _edge_text(shape: tuple[int, ...]) -> str:
@@ -403,7 +399,7 @@ class Bench:
             t0 = time.perf_counter()
             path = make_volume(self.work / f"vol-{'x'.join(map(str, shape))}.zarr", shape)
             self.inputs[_edge_text(shape)] = {"shape": list(shape), "generate_s": time.perf_counter() - t0,
-                                              "stored_mb": _disk_bytes(path) / 2**20}
+                                              "stored_mb": disk_bytes(path) / 2**20}
             print(f"input {_edge_text(shape)} written in {time.perf_counter() - t0:.1f} s", flush=True)
             self.volumes[shape] = path
         return self.volumes[shape]
@@ -585,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CHILDREN[args.child](json.loads(args.spec))), flush=True)
         return 0
 
-    base = args.workdir or _default_workdir()
+    base = args.workdir or default_workdir()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_predict-", dir=base))
     results: dict[str, Any] = {}
