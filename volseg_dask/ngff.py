@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 __all__ = ["NGFF_VERSION", "mode_2x2x2", "multiscales_metadata", "write_pyramid"]
 
 NGFF_VERSION = "0.5"
+#: Blosc codec of every level: merged maps are written once per block on the merge's critical path, and
+#: lz4 wrote labels + confidence of a 256³ block ~7x faster than zstd 5 (files ~2.4x larger, still a
+#: fraction of the per-axis probabilities)
+CODEC = ("lz4", 5)
 
 
 def _corners(x: np.ndarray) -> list[np.ndarray] | None:
@@ -152,7 +156,7 @@ def write_pyramid(group: zarr.Group, name: str, *, labels: bool, voxel_size: Seq
         shape = tuple(int(s) for s in small.shape)
         target = store.create_array(node, name=str(level + 1), shape=shape, dtype=src.dtype,
                                     chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
-                                    dimension_names=("z", "y", "x"),
+                                    codec=CODEC[0], clevel=CODEC[1], dimension_names=("z", "y", "x"),
                                     attrs={"kind": f"{name} level {level + 1}"})
         compute(da.store(small.rechunk(target.chunks), target, lock=False, compute=False),  # type: ignore[arg-type]
                 progress=progress)
@@ -172,8 +176,8 @@ def create_multiscale(group: zarr.Group, name: str, *, shape: Sequence[int], dty
         return group[f"{name}/0"]  # type: ignore[return-value]
     node = group.create_group(name)
     store.set_status(node, **attrs, complete=False)
-    return store.create_array(node, name="0", shape=shape, dtype=dtype, chunks=chunks,
-                              dimension_names=("z", "y", "x"), attrs=attrs)
+    return store.create_array(node, name="0", shape=shape, dtype=dtype, chunks=chunks, codec=CODEC[0],
+                              clevel=CODEC[1], dimension_names=("z", "y", "x"), attrs=attrs)
 
 
 def finish_multiscale(group: zarr.Group, name: str, *, voxel_size: Sequence[float] | None = None,

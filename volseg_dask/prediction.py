@@ -438,12 +438,9 @@ def predict(
             for name in ("labels", *plan.outputs):
                 finish_multiscale(group, name, voxel_size=voxel_size, progress=progress)
         else:
-            probs = []
             for axis in plan.axes:
-                node = group[f"probabilities/{axis}"]
-                store.mark_complete(node)
-                probs.append(da.from_zarr(node))
-            write_merged(group, probs, method=plan.settings.merge, label_values=plan.label_values,
+                store.mark_complete(group[f"probabilities/{axis}"])
+            write_merged(group, out, plan.axes, method=plan.settings.merge, label_values=plan.label_values,
                          outputs=plan.outputs, attrs={"merge": plan.settings.merge, "axes": list(plan.axes),
                                                       "input": plan.volume, "model": plan.model},
                          voxel_size=voxel_size, progress=progress)

@@ -234,15 +234,13 @@ def merge(
         if method not in METHODS:
             raise VolsegError(f"merge: method must be one of {', '.join(METHODS)}, not {method!r}")
         outputs = tuple(info.get("outputs", ()) if outputs is None else outputs)
-        arrays = []
         for axis in axes:
             node = group.get(f"probabilities/{axis}")
             if node is None:
                 raise IncompleteOutputError(f"{out}: probabilities/{axis} is missing; rerun `volseg predict` with "
                                             "the same settings to finish it")
             store.require_complete(node, out / "probabilities" / axis)
-            arrays.append(da.from_zarr(node))
-        write_merged(group, arrays, method=method, label_values=info["label_values"], outputs=outputs,
+        write_merged(group, out, axes, method=method, label_values=info["label_values"], outputs=outputs,
                      attrs={"merge": method, "axes": list(axes)}, voxel_size=info.get("voxel_size"),
                      progress=progress)
         store.set_status(group, merge=method, outputs=list(outputs))
@@ -254,19 +252,50 @@ def merge(
     return out
 
 
-def write_merged(group: zarr.Group, probs: Sequence[da.Array], *, method: str, label_values: Sequence[int],
-                 outputs: Sequence[str], attrs: dict[str, Any], voxel_size: Sequence[float] | None = None,
-                 progress: bool = False) -> None:
-    """Compute the merge blockwise into ``group`` as OME-Zarr multiscales (labels and extras)."""
+def _merge_task(output: str, axes: tuple[str, ...], region: tuple[tuple[int, int], ...], method: str,
+                label_values: list[int], outputs: tuple[str, ...]) -> int:
+    """Merge one block: read its per-axis probability chunks, write each merged output's chunk once."""
+    where = tuple(slice(a, b) for a, b in region)
+    probs = [np.asarray(zarr.open_array(store=output, path=f"probabilities/{axis}", mode="r")[(slice(None), *where)])
+             for axis in axes]
+    merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
+    for i, name in enumerate(("labels", *outputs)):
+        zarr.open_array(store=output, path=f"{name}/0", mode="r+")[where] = merged[i]
+    return 1
+
+
+def write_merged(group: zarr.Group, output: str | os.PathLike[str], axes: Sequence[str], *, method: str,
+                 label_values: Sequence[int], outputs: Sequence[str], attrs: dict[str, Any],
+                 voxel_size: Sequence[float] | None = None, progress: bool = False) -> None:
+    """Merge the complete per-axis probabilities of ``output`` into OME-Zarr multiscales (labels and extras).
+
+    One task per block reads that block's per-axis chunks straight from the store, merges them and
+    writes each output chunk once, so a worker thread holds one block's inputs and outputs, whatever
+    the volume (a ``from_zarr``/``store`` graph let the scheduler read ahead: 2.2x the peak memory at
+    768³ than at 256³, ``benchmarks/bench_merge.py``).
+    """
+    import dask
+
     from .ngff import create_multiscale, finish_multiscale
 
-    stacked = merged_arrays(probs, method=method, label_values=label_values, outputs=outputs)
-    shape, chunks = stacked.shape[1:], tuple(c[0] for c in stacked.chunks[1:])
+    first, *others = (group[f"probabilities/{axis}"] for axis in axes)
+    assert isinstance(first, zarr.Array)
+    for axis, other in zip(axes[1:], others):
+        if not isinstance(other, zarr.Array) or other.shape != first.shape or other.chunks != first.chunks:
+            raise VolsegError(f"{output}: probabilities/{axis} differs from probabilities/{axes[0]} in shape or "
+                              f"chunks ({getattr(other, 'shape', None)} vs {first.shape}); rerun `volseg predict`")
+    shape, chunks = tuple(first.shape[1:]), tuple(first.chunks[1:])
+    dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
     names = ("labels", *outputs)
-    targets = [create_multiscale(group, name, shape=shape, dtype=stacked.dtype if name == "labels" else np.uint8,
-                                 chunks=chunks, attrs=store.provenance(kind=name, **attrs), replace=True)
-               for name in names]
-    sources = [stacked[i] if i == 0 else stacked[i].astype(np.uint8) for i in range(len(targets))]
-    compute(da.store(sources, targets, lock=False, compute=False), progress=progress)  # type: ignore[arg-type]
+    for name in names:
+        create_multiscale(group, name, shape=shape, dtype=dtype if name == "labels" else np.uint8, chunks=chunks,
+                          attrs=store.provenance(kind=name, **attrs), replace=True)
+    task = dask.delayed(_merge_task, pure=False)
+    path, spec = os.fspath(output), (tuple(axes), method, [int(v) for v in label_values], tuple(outputs))
+    tasks = []
+    for index in np.ndindex(*(-(-s // c) for s, c in zip(shape, chunks))):
+        region = tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+        tasks.append(task(path, spec[0], region, *spec[1:], dask_key_name=f"merge-{'.'.join(map(str, index))}"))
+    compute(*tasks, progress=progress)
     for name in names:
         finish_multiscale(group, name, voxel_size=voxel_size, progress=progress)
