@@ -101,8 +101,15 @@ class DataSettings:
     """How training slices are drawn and how intensities are normalised."""
 
     image_size: int = _opt(
-        256, help="Side of the square training crops, in voxels, at native resolution (multiple of 32).",
+        256, help="Side of the square training crops, in voxels of the volume the network sees (native, or "
+        "downsampled by data.downsample), never by resizing slices (multiple of 32).",
         min=32, max=4096, multiple_of=32,
+    )
+    downsample: int = _opt(
+        1, help="Train and predict at 1/N resolution: the image is averaged over N×N×N cubes (labels: their "
+        "mode), as volume-segmantics' `downsample`. 2 makes prediction about 8× cheaper where the structures "
+        "are coarse; the merged labels still come back at full resolution (probabilities upsampled linearly). "
+        "Stored in the model file. 1 = native resolution.", min=1, max=4,
     )
     axis_weights: dict[str, float] = _opt(
         help="Relative frequency of slices along z, y and x (0 excludes an axis).",

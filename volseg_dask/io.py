@@ -608,6 +608,28 @@ def read_padded(path: str | os.PathLike[str], start: Sequence[int], stop: Sequen
     return core[np.ix_(*(m - a for m, a in zip(maps, lo)))]
 
 
+def read_downsampled(path: str | os.PathLike[str], start: Sequence[int], stop: Sequence[int],
+                     factor: int) -> np.ndarray:
+    """Read ``[start, stop)`` of the volume averaged over ``factor``-sided cubes (float32).
+
+    Coordinates are on the coarse grid (see :mod:`volseg_dask.resample`); outside it the coarse
+    voxels are mirrored, so a block plus halo reads what the whole coarsened volume holds there.
+    """
+    from .resample import block_mean, coarse_shape, native_indices
+
+    if factor == 1:
+        return read_padded(path, start, stop)
+    reader = _reader_cached(os.fspath(path))
+    maps = [native_indices(mirror_indices(a, b, c), factor, n).ravel()
+            for a, b, c, n in zip(start, stop, coarse_shape(reader.shape, factor), reader.shape)]
+    lo = [int(m.min()) for m in maps]
+    hi = [int(m.max()) + 1 for m in maps]
+    core = reader[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    if not all(np.array_equal(m, np.arange(a, b)) for m, a, b in zip(maps, lo, hi)):
+        core = core[np.ix_(*(m - a for m, a in zip(maps, lo)))]
+    return block_mean(core, factor)
+
+
 # ---- info ------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,11 @@ with other settings. Arrays, and the group, are marked complete only when fully 
 
 ``--fused`` runs all axes of a block inside one task (halo in all three dims) and writes only the
 merged outputs: no per-axis probabilities touch the disk.
+
+A model trained at 1/N resolution (``data.downsample``) predicts on the volume averaged over N×N×N
+cubes (:mod:`volseg_dask.resample`): blocks, halo and the per-axis probabilities are on that coarse
+grid (block ``i`` of it is block ``i`` of the outputs, N times smaller), and the merge upsamples each
+block's probabilities linearly to full resolution before the vote.
 """
 
 from __future__ import annotations
@@ -37,15 +42,17 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
+from dask.array.overlap import ensure_minimum_chunksize
 
 from . import store
 from .config import PredictSettings, Settings
-from .errors import ConfigError, OutputExistsError, VolsegError, VolumeValueError, WriteFailedError
+from .errors import ConfigError, ModelFileError, OutputExistsError, VolsegError, VolumeValueError, WriteFailedError
 from .inference import AXES, SlabSpec, infer_block
-from .io import open_volume, read_padded, split_key, volume_voxel_size
+from .io import open_volume, read_downsampled, split_key, volume_voxel_size
 from .models import read_model_file
 from .normalize import Normalization, compute_normalization
 from .progress import active_client, compute
+from .resample import coarse_shape, downsample_array, lerp_weights, upsample_region
 from .votes import merge_block, write_merged
 
 log = logging.getLogger(__name__)
@@ -92,13 +99,21 @@ class Plan:
     meta: dict[str, Any]
     run_key: str = ""
     key_fields: dict[str, Any] = field(default_factory=dict)
+    factor: int = 1
+    native_shape: tuple[int, int, int] = (0, 0, 0)
+    native_chunks: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def grid(self) -> list[tuple[int, int, int]]:
         return list(np.ndindex(*(-(-s // c) for s, c in zip(self.shape, self.chunks))))
 
     def block(self, index: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """Block ``index`` on the grid the network sees (coarse when the model downsamples)."""
         return tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.chunks, self.shape))
+
+    def native_block(self, index: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """Block ``index`` of the outputs, at the volume's resolution."""
+        return tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.native_chunks, self.native_shape))
 
     @property
     def classes(self) -> int:
@@ -168,18 +183,29 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
     if int(meta["classes"]) != len(meta["label_values"]) or int(meta["classes"]) < 2:
         raise VolsegError(f"{model_path}: {meta['classes']} classes but label values {meta['label_values']}; the "
                           "model file is damaged")
-    shape = tuple(int(s) for s in vol.shape)
-    chunks = tuple(min(int(c), s) for c, s in zip(ps.chunks, shape))
-    halo = int(ps.halo)
+    native_shape = tuple(int(s) for s in vol.shape)
+    native_chunks = tuple(min(int(c), s) for c, s in zip(ps.chunks, native_shape))
+    factor = meta.get("downsample", 1)
+    if not isinstance(factor, int) or not 1 <= factor <= 4:
+        raise ModelFileError(f"{model_path}: downsample factor {factor!r} in its metadata is not 1-4; the file is "
+                             "damaged")
+    if any(c % factor and c < s for c, s in zip(native_chunks, native_shape)):
+        fixed = [max(factor, c - c % factor) for c in ps.chunks]
+        raise ConfigError(f"predict.chunks: {list(ps.chunks)} must be multiples of {factor}, the downsampling "
+                          f"factor of {model_path} (its data.downsample); use e.g. {fixed}")
+    # the network's grid: blocks, halo and shape in coarse voxels when the model downsamples
+    shape = coarse_shape(native_shape, factor)
+    chunks = tuple(-(-c // factor) for c in native_chunks)
+    halo = -(-int(ps.halo) // factor)
     axes, rotations = _rotations(ps.axes)
     in_plane = set(range(3)) if ps.fused else {d for a in axes for d in range(3) if d != AXES[a]}
     for d, (c, s) in enumerate(zip(chunks, shape)):
         if d in in_plane and halo > c and s > c:
-            raise ConfigError(f"predict.halo: {halo} is larger than the block ({c} voxels along "
+            raise ConfigError(f"predict.halo: {ps.halo} is larger than the block ({c * factor} voxels along "
                               f"{'zyx'[d]}); use a halo of at most the block size (32-64 is typical) or larger "
                               "predict.chunks")
     if ps.normalization == "recompute":
-        norm = compute_normalization(vol, source=os.fspath(volume))
+        norm = compute_normalization(downsample_array(vol, factor), source=os.fspath(volume))
     else:
         norm = Normalization.from_dict(meta["normalization"])
     spec = SlabSpec(
@@ -188,12 +214,13 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
         combine=ps.merge, torch_threads=ps.torch_threads, multiple=int(meta.get("pad_multiple", 32)),
     )
     plan = Plan(os.fspath(volume), model_path, Path(output), shape, chunks, halo, axes,  # type: ignore[arg-type]
-                ps, spec, meta)
+                ps, spec, meta, factor=factor, native_shape=native_shape,  # type: ignore[arg-type]
+                native_chunks=native_chunks)  # type: ignore[arg-type]
     plan.key_fields = {
         "input": _input_fingerprint(os.fspath(volume)),
-        "input_shape": list(shape), "input_dtype": str(vol.dtype),
+        "input_shape": list(native_shape), "input_dtype": str(vol.dtype),
         "model_sha256": _file_digest(model_path),
-        "chunks": list(chunks), "halo": halo, "axes": ps.axes, "tta_flips": ps.tta_flips,
+        "chunks": list(native_chunks), "halo": int(ps.halo), "axes": ps.axes, "tta_flips": ps.tta_flips,
         "normalization": norm.to_dict(), "fused": ps.fused,
         "merge": ps.merge if ps.fused else None,
     }
@@ -208,20 +235,22 @@ def _context(block: tuple[tuple[int, int], ...], shape: Sequence[int], halo: int
              half: int) -> list[tuple[int, int]]:
     """Voxels of context on each side of a block for one axis's planes.
 
-    In-plane, ``halo`` toward neighbouring blocks and none at the volume's border, where a whole
-    plane sees the edge exactly as a whole-volume prediction does (and no time goes into mirrored
-    halo). Along the axis, ``half`` slices of 2.5D context, mirrored at the border.
+    In-plane, ``halo`` toward neighbouring blocks (as much of it as the volume holds) and none at the
+    volume's border, where a whole plane sees the edge exactly as a whole-volume prediction does (and
+    no time goes into mirrored halo). Along the axis, ``half`` slices of 2.5D context, mirrored at the
+    border.
     """
-    return [(half, half) if d == axis else (halo if a > 0 else 0, halo if b < n else 0)
+    return [(half, half) if d == axis else (min(halo, a), min(halo, n - b))
             for d, ((a, b), n) in enumerate(zip(block, shape))]
 
 
-def _read_block(volume: str, block: tuple[tuple[int, int], ...], pads: Sequence[tuple[int, int]]) -> np.ndarray:
+def _read_block(volume: str, block: tuple[tuple[int, int], ...], pads: Sequence[tuple[int, int]],
+                factor: int = 1) -> np.ndarray:
     start = [a - p for (a, _), (p, _) in zip(block, pads)]
     stop = [b + q for (_, b), (_, q) in zip(block, pads)]
-    data = read_padded(volume, start, stop)
+    data = read_downsampled(volume, start, stop, factor)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
-        where = ", ".join(f"{a}:{b}" for a, b in block)
+        where = ", ".join(f"{a * factor}:{b * factor}" for a, b in block)
         raise VolumeValueError(f"{volume}: NaN or infinite values in the block [{where}]; replace them "
                                "(e.g. with the background value) and run again")
     return data
@@ -236,12 +265,11 @@ def _open_out(output: str, name: str) -> zarr.Array:
 
 
 def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], block: tuple[tuple[int, int], ...],
-               shape: tuple[int, ...], halo: int, spec: SlabSpec) -> int:
+               shape: tuple[int, ...], halo: int, spec: SlabSpec, factor: int = 1) -> int:
     marker = _marker(Path(output), f"probabilities-{axis}", index)
     if marker.exists():
         return 0
-    context = _context(block, shape, halo, AXES[axis], (spec.n_slices - 1) // 2)
-    probs = infer_block(_read_block(volume, block, context), axis, spec, context)
+    (probs,) = _predict_axes(volume, (axis,), block, shape, halo, spec, factor)
     # probabilities are never all zero (they sum to ~255), so zarr's scan for an all-fill chunk (a second
     # pass over the block, in zarr's one event-loop thread) is skipped
     arr = _open_out(output, f"probabilities/{axis}").with_config({"write_empty_chunks": True})
@@ -251,28 +279,53 @@ def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], bloc
     return 1
 
 
-def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...],
-                block: tuple[tuple[int, int], ...], shape: tuple[int, ...], halo: int, spec: SlabSpec, method: str,
-                label_values: list[int], outputs: tuple[str, ...]) -> int:
-    marker = _marker(Path(output), "fused", index)
-    if marker.exists():
-        return 0
+def _predict_axes(volume: str, axes: Sequence[str], block: tuple[tuple[int, int], ...], shape: tuple[int, ...],
+                  halo: int, spec: SlabSpec, factor: int) -> list[np.ndarray]:
+    """uint8 probabilities ``(C, ...)`` of ``block`` along each of ``axes``, from one read of block + context.
+
+    Every axis sees exactly the region (block plus its own context) a single-axis task reads for it.
+    """
     half = (spec.n_slices - 1) // 2
     contexts = [_context(block, shape, halo, AXES[axis], half) for axis in axes]
     pads = [(max(c[d][0] for c in contexts), max(c[d][1] for c in contexts)) for d in range(3)]
-    data = _read_block(volume, block, pads)
+    data = _read_block(volume, block, pads, factor)
     per_axis = []
     for axis, context in zip(axes, contexts):
-        # each axis sees exactly the region the per-axis path reads for it
         sub = tuple(slice(p - c, data.shape[d] - q + e) for d, ((p, q), (c, e)) in enumerate(zip(pads, context)))
         per_axis.append(infer_block(data[sub], axis, spec, context))
+    return per_axis
+
+
+def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...],
+                block: tuple[tuple[int, int], ...], shape: tuple[int, ...], halo: int, spec: SlabSpec, method: str,
+                label_values: list[int], outputs: tuple[str, ...], factor: int = 1,
+                native_block: tuple[tuple[int, int], ...] | None = None) -> int:
+    marker = _marker(Path(output), "fused", index)
+    if marker.exists():
+        return 0
+    if factor == 1:
+        per_axis = _predict_axes(volume, axes, block, shape, halo, spec, factor)
+        region = tuple(slice(a, b) for a, b in block)
+    else:  # the coarse voxels the native block's linear upsampling needs: its block and one more around it
+        assert native_block is not None
+        weights = [lerp_weights(a, b, factor, n) for (a, b), n in zip(native_block, shape)]
+        around = tuple((int(j0.min()), int(j1.max()) + 1) for j0, j1, _ in weights)
+        coarse = _predict_axes(volume, axes, around, shape, halo, spec, factor)
+        per_axis = [upsample_region(_shifted(p, around), native_block, factor, shape) for p in coarse]
+        region = tuple(slice(a, b) for a, b in native_block)
     merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
-    region = tuple(slice(a, b) for a, b in block)
     for i, name in enumerate(("labels", *outputs)):
         _open_out(output, f"{name}/0")[region] = merged[i]
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return 1
+
+
+def _shifted(probs: np.ndarray, origin: Sequence[tuple[int, int]]) -> Any:
+    """A reader of coarse regions (global coordinates) of ``probs``, which starts at ``origin``."""
+    def read(where: tuple[slice, ...]) -> np.ndarray:
+        return probs[(slice(None), *(slice(w.start - o, w.stop - o) for w, (o, _) in zip(where, origin)))]
+    return read
 
 
 # ---- the verb ------------------------------------------------------------------------------------
@@ -325,21 +378,22 @@ def _prepare_output(plan: Plan, overwrite: bool) -> tuple[zarr.Group, bool]:
         kind="prediction", complete=False, run_key=plan.run_key, key_fields=plan.key_fields,
         input=plan.volume, model=str(Path(plan.model).resolve()), axes=list(plan.axes), merge=plan.settings.merge,
         outputs=list(plan.outputs), label_values=plan.label_values, settings=plan.settings.__dict__,
+        shape=list(plan.native_shape), chunks=list(plan.native_chunks), downsample=plan.factor,
         voxel_size=volume_voxel_size(plan.volume), resume_hint="rerun the same `volseg predict` command to finish"))
     return group, False
 
 
 def _create_arrays(group: zarr.Group, plan: Plan) -> None:
-    attrs = store.provenance(input=plan.volume, model=plan.model, run_key=plan.run_key,
-                             voxel_size=volume_voxel_size(plan.volume),
+    voxel_size = volume_voxel_size(plan.volume)
+    attrs = store.provenance(input=plan.volume, model=plan.model, run_key=plan.run_key, voxel_size=voxel_size,
                              resume_hint="rerun the same `volseg predict` command to finish")
     if plan.settings.fused:
         from .ngff import create_multiscale
 
         dtype = np.uint8 if max(plan.label_values) <= 255 else np.uint16
         for name in ("labels", *plan.outputs):
-            create_multiscale(group, name, shape=plan.shape, dtype=dtype if name == "labels" else np.uint8,
-                              chunks=plan.chunks, attrs={**attrs, "kind": name, "merge": plan.settings.merge})
+            create_multiscale(group, name, shape=plan.native_shape, dtype=dtype if name == "labels" else np.uint8,
+                              chunks=plan.native_chunks, attrs={**attrs, "kind": name, "merge": plan.settings.merge})
         return
     for axis in plan.axes:
         name = f"probabilities/{axis}"
@@ -349,7 +403,8 @@ def _create_arrays(group: zarr.Group, plan: Plan) -> None:
                                clevel=3 if plan.settings.probability_codec == "zstd" else 5,
                                dimension_names=("c", "z", "y", "x"),
                                attrs={**attrs, "kind": "probabilities", "axis": axis,
-                                      "label_values": plan.label_values})
+                                      "label_values": plan.label_values, "downsample": plan.factor,
+                                      "voxel_size": [v * plan.factor for v in voxel_size] if voxel_size else None})
 
 
 def _tasks(plan: Plan) -> list[Any]:
@@ -359,14 +414,14 @@ def _tasks(plan: Plan) -> list[Any]:
         fused = dask.delayed(_fused_task, pure=False)
         for index in plan.grid:
             tasks.append(fused(vol, out, plan.axes, index, plan.block(index), plan.shape, plan.halo, spec,
-                               plan.settings.merge,
-                               plan.label_values, plan.outputs,
+                               plan.settings.merge, plan.label_values, plan.outputs, plan.factor,
+                               plan.native_block(index),
                                dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}"))
         return tasks
     axis_task = dask.delayed(_axis_task, pure=False)
     for axis in plan.axes:
         for index in plan.grid:
-            tasks.append(axis_task(vol, out, axis, index, plan.block(index), plan.shape, plan.halo, spec,
+            tasks.append(axis_task(vol, out, axis, index, plan.block(index), plan.shape, plan.halo, spec, plan.factor,
                                    dask_key_name=f"predict-{axis}-{'.'.join(map(str, index))}-{plan.run_key}"))
     return tasks
 
@@ -417,8 +472,10 @@ def predict(
         with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
             tasks = _tasks(plan)
         store.set_status(group, blocks_total=len(tasks))
-        log.info("predicting %s %s along %s in %d blocks of %s (halo %d)%s", plan.volume, plan.shape,
-                 "".join(plan.axes), len(plan.grid), plan.chunks, plan.halo, " [fused]" if plan.settings.fused else "")
+        log.info("predicting %s %s along %s in %d blocks of %s (halo %d)%s%s", plan.volume, plan.native_shape,
+                 "".join(plan.axes), len(plan.grid), plan.native_chunks, plan.settings.halo,
+                 f" at 1/{plan.factor} resolution" if plan.factor > 1 else "",
+                 " [fused]" if plan.settings.fused else "")
         # resources also go to the client directly: graph optimisation may drop annotations
         try:
             counts = compute(*tasks, progress=progress, **({"resources": resources} if resources else {}))
@@ -443,7 +500,8 @@ def predict(
             write_merged(group, out, plan.axes, method=plan.settings.merge, label_values=plan.label_values,
                          outputs=plan.outputs, attrs={"merge": plan.settings.merge, "axes": list(plan.axes),
                                                       "input": plan.volume, "model": plan.model},
-                         voxel_size=voxel_size, progress=progress)
+                         voxel_size=voxel_size, progress=progress, factor=plan.factor, shape=plan.native_shape,
+                         chunks=plan.native_chunks)
             store.set_status(group, axes_done=list(plan.axes))
             if not plan.settings.keep_probabilities:
                 shutil.rmtree(out / "probabilities", ignore_errors=True)
@@ -453,7 +511,7 @@ def predict(
         store.mark_complete(group, blocks_done=len(tasks), blocks_computed=computed, blocks_skipped=skipped,
                             seconds=round(seconds, 2), resumed=resumed)
     log.info("prediction done: %d blocks computed, %d skipped, %.1f s", computed, skipped, seconds)
-    return PredictResult(out, computed, skipped, seconds, int(np.prod(plan.shape)), "".join(plan.axes))
+    return PredictResult(out, computed, skipped, seconds, int(np.prod(plan.native_shape)), "".join(plan.axes))
 
 
 # ---- in-memory / dask-array API -----------------------------------------------------------------
@@ -468,7 +526,9 @@ def predict_array(volume: da.Array | np.ndarray, model: str | os.PathLike[str], 
     volumes on disk (it reads each block's halo straight from the store, which holds less memory).
     Blocks overlap their neighbours by the halo; at the volume's border there is no halo (a plane
     meets the edge as in a whole-volume prediction), exactly as in :func:`predict`, so both give the
-    same probabilities.
+    same probabilities. With a model trained at 1/N resolution (``data.downsample``) the array is
+    averaged over N×N×N cubes first and the probabilities are on that coarse grid, as
+    :func:`predict`'s per-axis ``probabilities``.
     """
     if axis not in AXES:
         raise ConfigError(f"axis: {axis!r} is not one of z, y, x")
@@ -477,11 +537,13 @@ def predict_array(volume: da.Array | np.ndarray, model: str | os.PathLike[str], 
     if vol.ndim != 3:
         raise VolsegError(f"predict_array: expected a 3D array (z, y, x), found shape {vol.shape}")
     _, meta = read_model_file(model)
+    factor = int(meta.get("downsample", 1))
+    vol = downsample_array(vol, factor)
     norm = normalization or Normalization.from_dict(meta["normalization"])
     n_slices = int(meta.get("n_slices", meta["in_channels"]))
     half = (n_slices - 1) // 2
     ax = AXES[axis]
-    depth = {d: (half if d == ax else ps.halo) for d in range(3)}
+    depth = {d: (half if d == ax else -(-ps.halo // factor)) for d in range(3)}
     for d, c in enumerate(vol.chunksize):
         if depth[d] > c and len(vol.chunks[d]) > 1:
             raise ConfigError(f"predict.halo: {depth[d]} is larger than the chunk ({c}) along {'zyx'[d]}; "
@@ -491,6 +553,9 @@ def predict_array(volume: da.Array | np.ndarray, model: str | os.PathLike[str], 
                     rotations=_rotations(ps.axes)[1], combine=ps.merge, torch_threads=ps.torch_threads,
                     multiple=int(meta.get("pad_multiple", 32)))
     classes = int(meta["classes"])
+    # map_overlap merges chunks smaller than the overlap into their neighbours; do it first, so the output
+    # chunks given below are the ones it computes
+    vol = vol.rechunk(tuple(ensure_minimum_chunksize(depth[d], c) if depth[d] else c for d, c in enumerate(vol.chunks)))
     # mirrored 2.5D context along the axis; in-plane, overlap only between chunks (as predict does)
     boundary = {d: ("reflect" if d == ax else "none") for d in range(3)}
     return da.map_overlap(

@@ -54,6 +54,7 @@ from .errors import ConfigError, VolumeFormatError, VolumeValueError
 from .io import mirror_indices, open_volume
 from .normalize import Normalization, apply
 from .progress import compute
+from .resample import downsample_array
 
 log = logging.getLogger(__name__)
 
@@ -237,17 +238,29 @@ class TrainingVolume:
     labels: Any
     scan: LabelScan
     roles: tuple[np.ndarray, np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0, np.uint8),) * 3)
+    factor: int = 1
+    from_files: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.image.shape)  # type: ignore[return-value]
 
+    def downsample(self, factor: int) -> None:
+        """See the volume (and its label scan) as averaged over ``factor``-sided cubes (data.downsample)."""
+        if factor == 1:
+            return
+        self.factor = factor
+        self.image = downsample_array(self.image, factor)
+        self.labels = downsample_array(self.labels, factor, labels=True)
+        self.scan = LabelScan(self.scan.values, [np.add.reduceat(p, np.arange(0, len(p), factor))
+                                                 for p in self.scan.profiles])
+
     def reopen(self) -> None:
         """Reopen lazy arrays from their paths (in a fresh DataLoader worker)."""
-        if isinstance(self.image, da.Array):
-            self.image = open_volume(self.image_path)
-        if isinstance(self.labels, da.Array):
-            self.labels = open_volume(self.labels_path)
+        if not self.from_files:
+            return
+        self.image = downsample_array(open_volume(self.image_path), self.factor)
+        self.labels = downsample_array(open_volume(self.labels_path), self.factor, labels=True)
 
 
 def open_training_volumes(pairs: Sequence[tuple[Any, Any]], data: DataSettings) -> list[TrainingVolume]:
@@ -279,7 +292,10 @@ def open_training_volumes(pairs: Sequence[tuple[Any, Any]], data: DataSettings) 
         _check_image_values(da.asarray(image) if isinstance(image, np.ndarray) else image, img_path)
         lab_dask = da.from_array(labels, chunks=64) if isinstance(labels, np.ndarray) else labels
         scan = scan_labels(lab_dask, lab_path, data.ignore_label)
-        volumes.append(TrainingVolume(img_path, lab_path, image, labels, scan))
+        vol = TrainingVolume(img_path, lab_path, image, labels, scan,
+                             from_files=isinstance(image, da.Array) and isinstance(labels, da.Array))
+        vol.downsample(data.downsample)
+        volumes.append(vol)
     return volumes
 
 

@@ -796,6 +796,7 @@ def _meta(settings: Settings, mapping: LabelMapping, norm: Normalization, model:
         "ignore_label": mapping.ignore_label,
         "in_channels": settings.model.n_slices,
         "n_slices": settings.model.n_slices,
+        "downsample": settings.data.downsample,
         "normalization": norm.to_dict(),
         "settings": settings.to_dict(),
         "pad_multiple": pad_multiple(model, settings.model),

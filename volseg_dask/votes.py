@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,8 @@ def merge(
             store.require_complete(node, out / "probabilities" / axis)
         write_merged(group, out, axes, method=method, label_values=info["label_values"], outputs=outputs,
                      attrs={"merge": method, "axes": list(axes)}, voxel_size=info.get("voxel_size"),
-                     progress=progress)
+                     progress=progress, factor=int(info.get("downsample", 1)), shape=info.get("shape"),
+                     chunks=info.get("chunks"))
         store.set_status(group, merge=method, outputs=list(outputs))
         if not keep_probabilities:
             import shutil
@@ -253,21 +254,40 @@ def merge(
 
 
 def _merge_task(output: str, axes: tuple[str, ...], region: tuple[tuple[int, int], ...], method: str,
-                label_values: list[int], outputs: tuple[str, ...]) -> int:
-    """Merge one block: read its per-axis probability chunks, write each merged output's chunk once."""
+                label_values: list[int], outputs: tuple[str, ...], factor: int = 1) -> int:
+    """Merge one block: read its per-axis probability chunks, write each merged output's chunk once.
+
+    With a downsampling model the per-axis probabilities are coarse: the block's coarse voxels (and
+    one more around them) are read and upsampled linearly to the native ``region`` first.
+    """
+    from .resample import upsample_region
+
     where = tuple(slice(a, b) for a, b in region)
-    probs = [np.asarray(zarr.open_array(store=output, path=f"probabilities/{axis}", mode="r")[(slice(None), *where)])
-             for axis in axes]
+    arrays = [zarr.open_array(store=output, path=f"probabilities/{axis}", mode="r") for axis in axes]
+    if factor == 1:
+        probs = [np.asarray(a[(slice(None), *where)]) for a in arrays]
+    else:
+        probs = [upsample_region(_region_reader(a), region, factor, a.shape[1:]) for a in arrays]
     merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
     for i, name in enumerate(("labels", *outputs)):
         zarr.open_array(store=output, path=f"{name}/0", mode="r+")[where] = merged[i]
     return 1
 
 
+def _region_reader(array: zarr.Array) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    def read(where: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(array[(slice(None), *where)])
+    return read
+
+
 def write_merged(group: zarr.Group, output: str | os.PathLike[str], axes: Sequence[str], *, method: str,
                  label_values: Sequence[int], outputs: Sequence[str], attrs: dict[str, Any],
-                 voxel_size: Sequence[float] | None = None, progress: bool = False) -> None:
+                 voxel_size: Sequence[float] | None = None, progress: bool = False, factor: int = 1,
+                 shape: Sequence[int] | None = None, chunks: Sequence[int] | None = None) -> None:
     """Merge the complete per-axis probabilities of ``output`` into OME-Zarr multiscales (labels and extras).
+
+    ``shape`` and ``chunks`` are those of the outputs (default: the probabilities'); with ``factor`` > 1
+    (a downsampling model) the probabilities are on the coarse grid and are upsampled block by block.
 
     One task per block reads that block's per-axis chunks straight from the store, merges them and
     writes each output chunk once, so a worker thread holds one block's inputs and outputs, whatever
@@ -284,14 +304,15 @@ def write_merged(group: zarr.Group, output: str | os.PathLike[str], axes: Sequen
         if not isinstance(other, zarr.Array) or other.shape != first.shape or other.chunks != first.chunks:
             raise VolsegError(f"{output}: probabilities/{axis} differs from probabilities/{axes[0]} in shape or "
                               f"chunks ({getattr(other, 'shape', None)} vs {first.shape}); rerun `volseg predict`")
-    shape, chunks = tuple(first.shape[1:]), tuple(first.chunks[1:])
+    shape = tuple(int(s) for s in (shape if shape is not None else first.shape[1:]))
+    chunks = tuple(int(c) for c in (chunks if chunks is not None else first.chunks[1:]))
     dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
     names = ("labels", *outputs)
     for name in names:
         create_multiscale(group, name, shape=shape, dtype=dtype if name == "labels" else np.uint8, chunks=chunks,
                           attrs=store.provenance(kind=name, **attrs), replace=True)
     task = dask.delayed(_merge_task, pure=False)
-    path, spec = os.fspath(output), (tuple(axes), method, [int(v) for v in label_values], tuple(outputs))
+    path, spec = os.fspath(output), (tuple(axes), method, [int(v) for v in label_values], tuple(outputs), factor)
     tasks = []
     for index in np.ndindex(*(-(-s // c) for s, c in zip(shape, chunks))):
         region = tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
