@@ -158,7 +158,8 @@ def write_pyramid(group: zarr.Group, name: str, *, labels: bool, voxel_size: Seq
                                     chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
                                     codec=CODEC[0], clevel=CODEC[1], dimension_names=("z", "y", "x"),
                                     attrs={"kind": f"{name} level {level + 1}"})
-        compute(da.store(small.rechunk(target.chunks), target, lock=False, compute=False),  # type: ignore[arg-type]
+        writable = target.with_config({"write_empty_chunks": True})  # see store.open_for_writing
+        compute(da.store(small.rechunk(target.chunks), writable, lock=False, compute=False),  # type: ignore[arg-type]
                 progress=progress)
         store.mark_complete(target)
         level += 1

@@ -260,19 +260,13 @@ def _marker(output: Path, name: str, index: Sequence[int]) -> Path:
     return output / DONE_DIR / name / ".".join(map(str, index))
 
 
-def _open_out(output: str, name: str) -> zarr.Array:
-    return zarr.open_array(store=output, path=name, mode="r+")
-
-
 def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], block: tuple[tuple[int, int], ...],
                shape: tuple[int, ...], halo: int, spec: SlabSpec, factor: int = 1) -> int:
     marker = _marker(Path(output), f"probabilities-{axis}", index)
     if marker.exists():
         return 0
     (probs,) = _predict_axes(volume, (axis,), block, shape, halo, spec, factor)
-    # probabilities are never all zero (they sum to ~255), so zarr's scan for an all-fill chunk (a second
-    # pass over the block, in zarr's one event-loop thread) is skipped
-    arr = _open_out(output, f"probabilities/{axis}").with_config({"write_empty_chunks": True})
+    arr = store.open_for_writing(output, f"probabilities/{axis}")
     arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
@@ -315,7 +309,7 @@ def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[in
         region = tuple(slice(a, b) for a, b in native_block)
     merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
     for i, name in enumerate(("labels", *outputs)):
-        _open_out(output, f"{name}/0")[region] = merged[i]
+        store.open_for_writing(output, f"{name}/0")[region] = merged[i]
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return 1

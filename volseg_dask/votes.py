@@ -270,7 +270,7 @@ def _merge_task(output: str, axes: tuple[str, ...], region: tuple[tuple[int, int
         probs = [upsample_region(_region_reader(a), region, factor, a.shape[1:]) for a in arrays]
     merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
     for i, name in enumerate(("labels", *outputs)):
-        zarr.open_array(store=output, path=f"{name}/0", mode="r+")[where] = merged[i]
+        store.open_for_writing(output, f"{name}/0")[where] = merged[i]
     return 1
 
 
