@@ -1,6 +1,6 @@
 """Merge throughput and peak memory of ``volseg_dask.merge`` against plain reading of the same Zarr arrays.
 
-For each size (default 256³ and 768³) the script writes a prediction output folder holding three
+For each size (default 512³ and 1024³) the script writes a prediction output folder holding three
 per-axis probability arrays ``probabilities/{z,y,x}`` ``(3, N, N, N)`` uint8 — smooth class regions
 with per-axis noise, softmax, ``round(p * 255)``, Blosc lz4 as ``predict`` writes them, chunks
 ``(3, 256, 256, 256)`` — then, ``repeats`` times, in alternating order, runs in fresh child processes:
@@ -189,7 +189,8 @@ def _run_one(method: str, path: Path, threads: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 768], help="cube edges")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024],
+                        help="cube edges (at least 2 blocks per thread: a one-block volume merges on one thread)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=256, help="chunk edge of the per-axis arrays (predict's block)")
     parser.add_argument("--threads", type=int, default=2)

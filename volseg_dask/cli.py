@@ -325,9 +325,9 @@ def _peak_memory(workers: int | None, address: str | None) -> str:
     """``, peak memory N MB`` of this process, where that is where the work ran."""
     if workers or address:
         return ""  # the work ran in worker processes: see the dashboard
-    import resource
+    from .memory import peak_rss_mb
 
-    return f", peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    return f", peak memory {peak_rss_mb():.0f} MB"
 
 
 @cli.command()

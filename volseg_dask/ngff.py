@@ -11,14 +11,16 @@ napari (napari-ome-zarr), neuroglancer and ``ome-zarr`` open it directly.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import zarr
 
 from . import store
+from .errors import VolsegError
+from .memory import trim_memory
 from .progress import compute
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ def _corners(x: np.ndarray) -> list[np.ndarray] | None:
         return None
     return [np.ascontiguousarray(x[:, i, :, j, :, k]) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
 
+
+#: smallest chunk edge of a pyramid level (below it, one task reduces several chunks of the level above)
+MIN_CHUNK = 64
 
 #: output voxels reduced at a time inside a block (the temporaries stay in the CPU cache)
 SLAB_VOXELS = 1 << 15
@@ -134,33 +139,52 @@ def multiscales_metadata(name: str, levels: int, voxel_size: Sequence[float] | N
     return ome
 
 
+def _pyramid_task(node_path: str, level: int, region: tuple[tuple[int, int], ...], labels: bool) -> int:
+    """Write one chunk of level ``level + 1``: read its 2×2×2-times larger region of ``level``, reduce it."""
+    src = zarr.open_array(store=node_path, path=str(level), mode="r")
+    block = np.asarray(src[tuple(slice(2 * a, 2 * b) for a, b in region)])
+    cubes = block.reshape(block.shape[0] // 2, 2, block.shape[1] // 2, 2, block.shape[2] // 2, 2)
+    small = (mode_2x2x2 if labels else _mean_uint8)(cubes, axis=(1, 3, 5))
+    store.open_for_writing(node_path, str(level + 1))[tuple(slice(a, b) for a, b in region)] = small
+    del block, cubes, small
+    trim_memory()
+    return 1
+
+
 def write_pyramid(group: zarr.Group, name: str, *, labels: bool, voxel_size: Sequence[float] | None = None,
                   min_size: int = 32, progress: bool = False) -> int:
     """Add the downsampled levels below ``group[name]/0`` and the NGFF metadata; return the level count.
 
-    Level ``k + 1`` is computed blockwise from level ``k`` as stored, so memory stays at a few
-    chunks per thread whatever the size.
+    Level ``k + 1`` has chunks half the size of level ``k``'s (at least ``MIN_CHUNK``), so each of its
+    chunks is made by one task from one chunk of level ``k`` (a few, once they are small), read
+    straight from the store (an odd last voxel is dropped): a thread holds about one chunk, whatever
+    the volume, and every output chunk is written once.
     """
+    import dask
+
     node = group[name]
     assert isinstance(node, zarr.Group)
     level0 = node["0"]
     assert isinstance(level0, zarr.Array)
     chunks = tuple(level0.chunks)
-    reduce = mode_2x2x2 if labels else _mean_uint8
+    root = getattr(group.store_path.store, "root", None)
+    if root is None:
+        raise VolsegError(f"{name}: multiscale outputs are written to a folder (a local Zarr store) only")
+    node_path = os.path.join(str(root), group.path, name)
+    task = dask.delayed(_pyramid_task, pure=False)
     level, shape = 0, tuple(level0.shape)
     while min(shape) // 2 >= min_size:
-        src = da.from_zarr(node[str(level)])
-        even = tuple(s - s % 2 for s in src.shape)
-        src = src[tuple(slice(0, e) for e in even)].rechunk(tuple(max(2, c - c % 2) for c in chunks))
-        small = da.coarsen(reduce, src, {0: 2, 1: 2, 2: 2}, trim_excess=True)
-        shape = tuple(int(s) for s in small.shape)
-        target = store.create_array(node, name=str(level + 1), shape=shape, dtype=src.dtype,
-                                    chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
+        shape = tuple(s // 2 for s in shape)
+        chunks = tuple(max(MIN_CHUNK, c // 2) for c in chunks)
+        target_chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+        target = store.create_array(node, name=str(level + 1), shape=shape, dtype=level0.dtype, chunks=target_chunks,
                                     codec=CODEC[0], clevel=CODEC[1], dimension_names=("z", "y", "x"),
                                     attrs={"kind": f"{name} level {level + 1}"})
-        writable = target.with_config({"write_empty_chunks": True})  # see store.open_for_writing
-        compute(da.store(small.rechunk(target.chunks), writable, lock=False, compute=False),  # type: ignore[arg-type]
-                progress=progress)
+        tasks = [task(node_path, level, tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, target_chunks,
+                                                                                              shape)),
+                      labels, dask_key_name=f"pyramid-{name}-{level + 1}-{'.'.join(map(str, index))}")
+                 for index in np.ndindex(*(-(-s // c) for s, c in zip(shape, target_chunks)))]
+        compute(*tasks, progress=progress)
         store.mark_complete(target)
         level += 1
     node.attrs["ome"] = multiscales_metadata(name, level + 1, voxel_size, labels=labels)

@@ -49,6 +49,7 @@ from .config import PredictSettings, Settings
 from .errors import ConfigError, ModelFileError, OutputExistsError, VolsegError, VolumeValueError, WriteFailedError
 from .inference import AXES, SlabSpec, infer_block
 from .io import open_volume, read_downsampled, split_key, volume_voxel_size
+from .memory import trim_memory
 from .models import read_model_file
 from .normalize import Normalization, compute_normalization
 from .progress import active_client, compute
@@ -265,9 +266,13 @@ def _axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], bloc
     marker = _marker(Path(output), f"probabilities-{axis}", index)
     if marker.exists():
         return 0
-    (probs,) = _predict_axes(volume, (axis,), block, shape, halo, spec, factor)
-    arr = store.open_for_writing(output, f"probabilities/{axis}")
-    arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
+    try:
+        (probs,) = _predict_axes(volume, (axis,), block, shape, halo, spec, factor)
+        arr = store.open_for_writing(output, f"probabilities/{axis}")
+        arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
+        del probs
+    finally:
+        trim_memory()
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return 1
@@ -308,8 +313,11 @@ def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[in
         per_axis = [upsample_region(_shifted(p, around), native_block, factor, shape) for p in coarse]
         region = tuple(slice(a, b) for a, b in native_block)
     merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
+    del per_axis
     for i, name in enumerate(("labels", *outputs)):
         store.open_for_writing(output, f"{name}/0")[region] = merged[i]
+    del merged
+    trim_memory()
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return 1

@@ -27,6 +27,7 @@ import zarr
 
 from . import store
 from .errors import IncompleteOutputError, VolsegError, VolumeFormatError, VolumeNotFoundError
+from .memory import trim_memory
 from .progress import compute
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,11 @@ def _merge_task(output: str, axes: tuple[str, ...], region: tuple[tuple[int, int
     else:
         probs = [upsample_region(_region_reader(a), region, factor, a.shape[1:]) for a in arrays]
     merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
+    del probs
     for i, name in enumerate(("labels", *outputs)):
         store.open_for_writing(output, f"{name}/0")[where] = merged[i]
+    del merged
+    trim_memory()
     return 1
 
 
