@@ -75,6 +75,8 @@ def world(tmp_path_factory) -> Path:
     state["meta"]["in_channels"] = 3
     torch.save(state, w / "rgb.pt")
     torch.save({"weights": torch.zeros(2)}, w / "foreign.pt")
+    state["meta"].update(in_channels=1, downsample=2)
+    torch.save(state, w / "half_res.pt")
     data = model.read_bytes()
     (w / "truncated.pt").write_bytes(data[: len(data) // 2])
     torch.save({"format": FORMAT, "format_version": 42, "state_dict": {}, "meta": {}}, w / "future.pt")
@@ -123,6 +125,13 @@ CASES = {
     "convert: read-only folder": (["convert", f"{W}/img.npy", f"{W}/readonly/o.zarr"], "is not writable"),
     "convert: bad --chunks": (["convert", f"{W}/img.npy", f"{W}/o11.zarr", "--chunks", "a,b"],
                               "'a,b': give one size"),
+    "convert: region outside": (["convert", f"{W}/img.npy", f"{W}/o12.zarr", "--region", "0:8,0:8,20:30"],
+                                "--region: 20:30 along x is empty or outside the volume (0:24)"),
+    "convert: region malformed": (["convert", f"{W}/img.npy", f"{W}/o13.zarr", "--region", "0-8,:,:"],
+                                  "--region: '0-8,:,:' is not z0:z1,y0:y1,x0:x1"),
+    "predict: odd blocks for a downsampling model": ([*PREDICT[:2], f"{W}/half_res.pt", "--chunks", "11", "--halo",
+                                                     "4", "--axes", "z", "-o", f"{W}/p17.zarr"],
+                                                    "predict.chunks: [11, 11, 11] must be multiples of 2"),
     # export
     "export: incomplete input": (["export", f"{W}/half.zarr", f"{W}/e1.tif"], "incomplete"),
     "export: unknown format": (["export", f"{W}/img.npy", f"{W}/e2.png"], "cannot export to '.png'"),

@@ -17,6 +17,7 @@ import zarr
 
 from volseg_dask import store
 from volseg_dask.errors import (
+    ConfigError,
     IncompleteOutputError,
     OutputExistsError,
     VolsegError,
@@ -109,6 +110,20 @@ def test_round_trip_npy_zarr_tiff_zarr_h5(tmp_path, vol):
     assert arr.chunks == (17, 17, 17)
     meta = arr.attrs[store.ATTR]
     assert meta["complete"] is True and meta["source"] == str(t) and meta["version"]
+
+
+def test_convert_a_region(tmp_path, vol):
+    """--region cuts the image crop of a labelled sub-volume; the box is recorded."""
+    np.save(tmp_path / "v.npy", vol)
+    out = convert(tmp_path / "v.npy", tmp_path / "crop.zarr", chunks=8, region="3:20, :, 10:")
+    np.testing.assert_array_equal(open_volume(out).compute(), vol[3:20, :, 10:])
+    attrs = zarr.open_array(str(out)).attrs["volseg_dask"]
+    assert attrs["region"] == [[3, 20], [0, vol.shape[1]], [10, vol.shape[2]]]
+    pairs = convert(tmp_path / "v.npy", tmp_path / "crop2.zarr", region=[(0, 4), (5, 9), (0, 2)])
+    np.testing.assert_array_equal(open_volume(pairs).compute(), vol[:4, 5:9, :2])
+    with pytest.raises(ConfigError, match=r"5:5 along y is empty"):
+        convert(tmp_path / "v.npy", tmp_path / "bad.zarr", region="0:4,5:5,:")
+    assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_convert_keeps_dtypes(tmp_path):

@@ -126,18 +126,20 @@ def _scheduler_options(func: Any) -> Any:
 @click.option("--codec", default="zstd", show_default=True,
               type=click.Choice(["zstd", "lz4", "lz4hc", "zlib", "blosclz"]), help="Blosc compressor.")
 @click.option("--clevel", default=5, show_default=True, type=click.IntRange(0, 9), help="Compression level.")
+@click.option("--region", default=None, metavar="Z0:Z1,Y0:Y1,X0:X1",
+              help="Only this box of SRC (e.g. the image crop of a labelled sub-volume); ':' is a whole axis.")
 @click.option("--overwrite", is_flag=True, help="Replace DST once the new array is complete.")
 @_scheduler_options
 @click.pass_obj
-def convert(state: _State, src: str, dst: Path, chunks: str, codec: str, clevel: int, overwrite: bool,
-            workers: int | None, address: str | None) -> None:
-    """Convert a volume (TIFF, TIFF folder, HDF5 file.h5:/key, NPY, MRC, Zarr) to Zarr v3."""
+def convert(state: _State, src: str, dst: Path, chunks: str, codec: str, clevel: int, region: str | None,
+            overwrite: bool, workers: int | None, address: str | None) -> None:
+    """Convert a volume (TIFF, TIFF folder, HDF5 file.h5:/key, NPY, MRC, Zarr), or a box of it, to Zarr v3."""
     from .cluster import dask_scheduler
     from .io import convert as api
 
     with dask_scheduler(workers, address, echo=click.echo):
         out = api(src, dst, chunks=_chunks(chunks) or (128,) * 3, codec=codec, clevel=clevel, overwrite=overwrite,
-                  progress=state.progress)
+                  progress=state.progress, region=region)
     click.echo(f"wrote {out}")
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 
 from . import store
-from .errors import VolsegError, VolumeFormatError, VolumeNotFoundError
+from .errors import ConfigError, VolsegError, VolumeFormatError, VolumeNotFoundError
 from .progress import compute
 
 log = logging.getLogger(__name__)
@@ -692,6 +692,41 @@ def volume_info(path: str | os.PathLike[str], *, sample_chunks: int = 8) -> dict
 # ---- convert ---------------------------------------------------------------------------------
 
 
+def parse_region(region: str | Sequence[Any], shape: Sequence[int], *, where: str = "region") -> list[tuple[int, int]]:
+    """``(start, stop)`` per axis of a box given as ``"z0:z1,y0:y1,x0:x1"`` or as pairs, checked against ``shape``.
+
+    Raises
+    ------
+    ConfigError
+        Not three ranges, not integers, or a range that is empty or outside the volume.
+    """
+    if isinstance(region, str):
+        parts = [p.strip() for p in region.split(",")]
+        pairs: list[Any] = []
+        for p in parts:
+            lo, sep, hi = p.partition(":")
+            if not sep:
+                raise ConfigError(f"{where}: {region!r} is not z0:z1,y0:y1,x0:x1 (each part needs a ':')")
+            pairs.append((lo.strip() or None, hi.strip() or None))
+    else:
+        pairs = [tuple(p) for p in region]
+    if len(pairs) != len(shape):
+        raise ConfigError(f"{where}: {region!r} gives {len(pairs)} ranges; give one per axis (z, y, x), e.g. "
+                          "0:256,0:256,0:256")
+    box = []
+    for axis, (lo, hi), n in zip("zyx", pairs, shape):
+        try:
+            a = 0 if lo is None else int(lo)
+            b = int(n) if hi is None else int(hi)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {lo}:{hi} along {axis} is not a range of integers") from None
+        if not 0 <= a < b <= n:
+            raise ConfigError(f"{where}: {a}:{b} along {axis} is empty or outside the volume (0:{n}); give "
+                              f"0 <= start < stop <= {n}")
+        box.append((a, b))
+    return box
+
+
 def _normalise_chunks(chunks: Sequence[int] | int, shape: tuple[int, ...]) -> tuple[int, ...]:
     if isinstance(chunks, int):
         chunks = (chunks,) * len(shape)
@@ -709,6 +744,7 @@ def convert(
     clevel: int = 5,
     overwrite: bool = False,
     progress: bool = False,
+    region: str | Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Convert any supported volume to a chunked, compressed Zarr v3 array, streamed.
 
@@ -730,6 +766,10 @@ def convert(
         Replace an existing ``dst`` (only after the new array is complete).
     progress
         Show a progress bar.
+    region
+        Only this box of the source: ``"z0:z1,y0:y1,x0:x1"`` (an empty bound means the edge, as in
+        ``"0:256,:,:"``) or ``[(z0, z1), (y0, y1), (x0, x1)]``; e.g. the image crop matching a labelled
+        sub-volume. Recorded in the output's attributes.
 
     Returns
     -------
@@ -738,8 +778,13 @@ def convert(
     """
     dst = Path(dst)
     vol = open_volume(src)
+    box = None
+    if region is not None:
+        box = parse_region(region, vol.shape, where=f"{src}: --region")
+        vol = vol[tuple(slice(a, b) for a, b in box)]
     target = _normalise_chunks(chunks, vol.shape)
-    attrs = store.provenance(kind="volume", source=os.fspath(src), voxel_size=volume_voxel_size(src))
+    attrs = store.provenance(kind="volume", source=os.fspath(src), voxel_size=volume_voxel_size(src),
+                             **({"region": [list(b) for b in box]} if box else {}))
     log.info("converting %s %s %s -> %s (chunks %s, blosc %s)", src, vol.shape, vol.dtype, dst, target, codec)
     with store.atomic_output(dst, overwrite=overwrite) as tmp:
         out = store.create_array(tmp, shape=vol.shape, dtype=vol.dtype, chunks=target, codec=codec,
