@@ -52,7 +52,7 @@ def combine(probs: Sequence[np.ndarray], method: str = "max", class_axis: int = 
 
 #: voxels merged at a time inside a block: the temporaries (a few bytes per voxel each) stay in the
 #: CPU cache and a task holds little beyond its inputs and output, whatever the block size
-SLAB_VOXELS = 1 << 16
+SLAB_VOXELS = 1 << 17
 
 
 def merge_block(*probs: np.ndarray, method: str, label_values: Sequence[int],
