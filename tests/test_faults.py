@@ -38,9 +38,10 @@ def volseg(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,6 @@ def test_kill_and_rerun(world, tmp_path, command, seed):
     traces = [p.name for p in tmp_path.iterdir() if p.name.startswith((target.name, f".{target.name}"))]
     record = {"command": command, "seed": seed, "signal": sig.name, "run_s": round(duration, 2),
               "returncode": proc.returncode, "left_on_disk": sorted(traces), "finished_looking": finished_looking}
-    with Path(os.environ.get("VOLSEG_FAULT_LOG", tmp_path / "faults.jsonl")).open("a") as log:
-        log.write(json.dumps(record) + "\n")
     if killed_mid_run:
         assert not finished_looking, record
 
@@ -140,5 +139,8 @@ def test_kill_and_rerun(world, tmp_path, command, seed):
     if command == "predict" and finished_looking:
         shutil.rmtree(target)
         rerun = _commands(world, target)[command]
-    finish(volseg(*rerun))
+    summary = finish(volseg(*rerun)).strip().splitlines()
+    record["rerun"] = summary[-1] if summary else ""  # predict: "N blocks computed, M already done"
+    with Path(os.environ.get("VOLSEG_FAULT_LOG", tmp_path / "faults.jsonl")).open("a") as log:
+        log.write(json.dumps(record) + "\n")
     assert _same(_result(target, command), _result(reference, command)), record

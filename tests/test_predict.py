@@ -149,6 +149,27 @@ def test_a_second_run_on_the_same_output_is_refused(vol48, tiny_model, tmp_path)
     assert not out.exists()
 
 
+def test_a_stale_lock_of_a_dead_process_is_taken_over(vol48, tiny_model, tmp_path, caplog):
+    import json
+    import socket
+
+    out = tmp_path / "o.zarr"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ".o.zarr.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "earlier"}))
+    result = predict(vol48[0], tiny_model, out, settings(chunks=[24, 24, 24], halo=8, axes="z"))
+    assert result.blocks_computed == 8 and not lock.exists()
+    assert "stale lock" in caplog.text
+
+
+def test_two_runs_give_bit_identical_outputs(vol48, tiny_model, tmp_path):
+    runs = [predict(vol48[0], tiny_model, tmp_path / f"run{i}.zarr",
+                    settings(chunks=[24, 16, 24], halo=8, axes="zyx")) for i in range(2)]
+    for name in ("labels/0", "confidence/0", "probabilities/z", "probabilities/y", "probabilities/x"):
+        a, b = (read_array(r.output / name) for r in runs)
+        assert a.shape == b.shape and np.array_equal(a, b), name
+
+
 def test_halo_larger_than_block_and_nan_input(vol48, tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="predict.halo: 40 is larger than the block"):
         predict(vol48[0], tiny_model, tmp_path / "o.zarr", settings(chunks=[16, 16, 16], halo=40))
