@@ -54,7 +54,7 @@ from .models import read_model_file
 from .normalize import Normalization, compute_normalization
 from .progress import active_client, compute
 from .resample import coarse_shape, downsample_array, lerp_weights, upsample_region
-from .votes import merge_block, write_merged
+from .votes import write_merged, write_merged_block
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +312,7 @@ def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[in
         coarse = _predict_axes(volume, axes, around, shape, halo, spec, factor)
         per_axis = [upsample_region(_shifted(p, around), native_block, factor, shape) for p in coarse]
         region = tuple(slice(a, b) for a, b in native_block)
-    merged = merge_block(*per_axis, method=method, label_values=label_values, outputs=outputs)
-    del per_axis
-    for i, name in enumerate(("labels", *outputs)):
-        store.open_for_writing(output, f"{name}/0")[region] = merged[i]
-    del merged
-    trim_memory()
+    write_merged_block(output, per_axis, region, method=method, label_values=label_values, outputs=outputs)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return 1

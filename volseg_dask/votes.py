@@ -269,13 +269,22 @@ def _merge_task(output: str, axes: tuple[str, ...], region: tuple[tuple[int, int
         probs = [np.asarray(a[(slice(None), *where)]) for a in arrays]
     else:
         probs = [upsample_region(_region_reader(a), region, factor, a.shape[1:]) for a in arrays]
+    write_merged_block(output, probs, where, method=method, label_values=label_values, outputs=outputs)
+    return 1
+
+
+def write_merged_block(output: str, probs: list[np.ndarray], where: tuple[slice, ...], *, method: str,
+                       label_values: Sequence[int], outputs: tuple[str, ...]) -> None:
+    """Merge one block's per-axis probabilities and write its chunk of ``labels`` and each output once.
+
+    ``probs`` is emptied, so the per-axis arrays are freed before the merged rows are written.
+    """
     merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
-    del probs
+    probs.clear()
     for i, name in enumerate(("labels", *outputs)):
         store.open_for_writing(output, f"{name}/0")[where] = merged[i]
     del merged
     trim_memory()
-    return 1
 
 
 def _region_reader(array: zarr.Array) -> Callable[[tuple[slice, ...]], np.ndarray]:
