@@ -40,6 +40,11 @@ def test_config_write_show_check(tmp_path):
     path = tmp_path / "s.yaml"
     assert run("config", "write-defaults", str(path)).exit_code == 0
     assert yaml.safe_load(path.read_text())["model"]["architecture"] == "Unet"
+    light = tmp_path / "cpu.yaml"
+    assert run("config", "write-defaults", str(light), "--preset", "cpu").exit_code == 0
+    raw = yaml.safe_load(light.read_text())
+    assert raw["model"]["encoder"] == "tu-mobilenetv3_small_100" and raw["data"]["image_size"] == 128
+    assert raw["train"]["max_minutes"] is None and "ok" in run("config", "check", str(light)).output
     result = run("config", "write-defaults", str(path))
     assert result.exit_code == 1 and "already exists" in result.output
     assert "s.yaml: ok" in run("config", "check", str(path)).output

@@ -92,6 +92,19 @@ def test_lr_finder_returns_a_finite_rate_on_a_toy_problem():
         assert torch.equal(v, before[k])
 
 
+def test_a_sweep_cut_short_at_low_rates_falls_back_to_a_common_rate():
+    """16 of 100 steps (a CPU time budget) cover only 1e-6..6e-6: the descent there is no choice."""
+    from volseg_dask.training import FALLBACK_LR, _suggest
+
+    lrs = [1e-6 * (10 ** (4 * i / 99)) for i in range(16)]
+    losses = [1.2 - 0.01 * i for i in range(16)]  # still falling
+    cut = _suggest(lrs, losses, losses, 1e-6, 1e-2, cut=True)
+    assert cut.suggestion == FALLBACK_LR and "below" in cut.reason
+    further = [1e-6 * (10 ** (4 * i / 99)) for i in range(80)]  # reached 1e-3 and beyond: its descent counts
+    falling = [1.2 - 0.01 * i - (0.3 if i > 60 else 0.0) for i in range(80)]
+    assert _suggest(further, falling, falling, 1e-6, 1e-2, cut=True).suggestion != FALLBACK_LR
+
+
 def test_short_fit_decreases_the_loss_and_writes_everything(fitted, odd_labels):
     result, _out = fitted
     losses = [h["train_loss"] for h in result.history]

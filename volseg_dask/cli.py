@@ -222,13 +222,17 @@ def config() -> None:
 @config.command("write-defaults")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-def config_write_defaults(file: Path, overwrite: bool) -> None:
+@click.option("--preset", type=click.Choice(["default", "cpu"]), default="default", show_default=True,
+              help="'cpu': the demo's light network (MobileNetV3-small encoder, 128-px slices), for machines "
+              "without a GPU.")
+def config_write_defaults(file: Path, overwrite: bool, preset: str) -> None:
     """Write every setting with its default and a comment to FILE (YAML)."""
     from .config import Settings
+    from .demo import cpu_settings
     from .store import check_output_path
 
     check_output_path(file, overwrite)
-    Settings().save(file)
+    (cpu_settings() if preset == "cpu" else Settings()).save(file)
     click.echo(f"wrote {file}")
 
 

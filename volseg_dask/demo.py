@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,13 +28,20 @@ from .synthetic import CLASS_NAMES, write_demo_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["demo_settings", "otsu_baseline", "run_demo"]
+__all__ = ["cpu_settings", "demo_settings", "otsu_baseline", "run_demo"]
 
 
 def demo_settings() -> Settings:
     """The settings the demo trains and predicts with (shipped with the package)."""
     with resources.as_file(resources.files("volseg_dask") / "demo_settings.yaml") as path:
         return load_settings(path)
+
+
+def cpu_settings() -> Settings:
+    """The demo's light network and slice size as a starting point for CPU-only machines: the demo's
+    settings without its three-minute limit and its one torch thread (both about the demo's machine)."""
+    s = demo_settings()
+    return dataclasses.replace(s, train=dataclasses.replace(s.train, max_minutes=None, torch_threads=None))
 
 
 def otsu_baseline(image: np.ndarray, truth: np.ndarray) -> dict[int, float]:

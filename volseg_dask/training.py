@@ -385,7 +385,8 @@ def lr_range_test(model: nn.Module, loss_fn: nn.Module, batches: Iterator[Sequen
 
 
 FALLBACK_LR = 1e-3
-"""Rate used when a range test cut short by the time budget shows no descent (a common AdamW rate)."""
+"""Rate used when a range test cut short by the time budget shows no descent, or stopped before
+reaching this rate (a common AdamW rate)."""
 
 
 def _suggest(lrs: list[float], losses: list[float], smoothed: list[float], lo: float, hi: float,
@@ -401,6 +402,10 @@ def _suggest(lrs: list[float], losses: list[float], smoothed: list[float], lo: f
     i_min = int(np.argmin(s))
     lr_min = lrs[i_min]
     if cut and i_min >= len(s) - 2:  # the minimum was not reached: only the descent can be trusted
+        if lrs[-1] < fallback:  # a few steps at the lowest rates: their slope is noise, not a choice
+            return LRFinderResult(lrs, losses, smoothed, fallback, None, None,
+                                  f"sweep cut short by the time budget at {lrs[-1]:.2g}, below {fallback:g}; "
+                                  f"{fallback:g}")
         skip = max(1, len(s) // 20)
         grad = np.gradient(s[skip:], np.log(lrs[skip:])) if len(s) - skip >= 3 else np.zeros(1)
         if grad.min() < 0:
