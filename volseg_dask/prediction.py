@@ -311,6 +311,7 @@ def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[in
         around = tuple((int(j0.min()), int(j1.max()) + 1) for j0, j1, _ in weights)
         coarse = _predict_axes(volume, axes, around, shape, halo, spec, factor)
         per_axis = [upsample_region(_shifted(p, around), native_block, factor, shape) for p in coarse]
+        del coarse
         region = tuple(slice(a, b) for a, b in native_block)
     write_merged_block(output, per_axis, region, method=method, label_values=label_values, outputs=outputs)
     marker.parent.mkdir(parents=True, exist_ok=True)

@@ -331,7 +331,9 @@ def lr_range_test(model: nn.Module, loss_fn: nn.Module, batches: Iterator[Sequen
     is not finite. The suggestion comes from the loss smoothed without lag (a centred Gaussian over
     the steps; a moving average lags and shifts every feature to higher rates): the rate of its
     steepest descent against log(lr) before its minimum, kept between 1/30 and 1/3 of the rate at
-    the minimum; when the loss never falls, 1/10 of the rate at the minimum.
+    the minimum; when the loss never falls, 1/10 of the rate at the minimum. A sweep cut short by
+    ``time_budget`` before its minimum gives its steepest descent, or :data:`FALLBACK_LR` when it
+    stopped below that rate or never descended.
     """
     device = device or torch.device("cpu")
     saved = copy.deepcopy(model.state_dict())
