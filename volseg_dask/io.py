@@ -601,10 +601,16 @@ def read_padded(path: str | os.PathLike[str], start: Sequence[int], stop: Sequen
     hi = [min(n, b) for b, n in zip(stop, reader.shape)]
     if all(a == c and b == d for a, b, c, d in zip(start, stop, lo, hi)):
         return reader[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    maps = [mirror_indices(a, b, n) for a, b, n in zip(start, stop, reader.shape)]
+    return _read_mapped(reader, [mirror_indices(a, b, n) for a, b, n in zip(start, stop, reader.shape)])
+
+
+def _read_mapped(reader: _Reader, maps: Sequence[np.ndarray]) -> np.ndarray:
+    """``volume[np.ix_(*maps)]`` from one read of the indices' bounding box (no gather when it is a plain box)."""
     lo = [int(m.min()) for m in maps]
     hi = [int(m.max()) + 1 for m in maps]
     core = reader[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    if all(np.array_equal(m, np.arange(a, b)) for m, a, b in zip(maps, lo, hi)):
+        return core
     return core[np.ix_(*(m - a for m, a in zip(maps, lo)))]
 
 
@@ -622,12 +628,7 @@ def read_downsampled(path: str | os.PathLike[str], start: Sequence[int], stop: S
     reader = _reader_cached(os.fspath(path))
     maps = [native_indices(mirror_indices(a, b, c), factor, n).ravel()
             for a, b, c, n in zip(start, stop, coarse_shape(reader.shape, factor), reader.shape)]
-    lo = [int(m.min()) for m in maps]
-    hi = [int(m.max()) + 1 for m in maps]
-    core = reader[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    if not all(np.array_equal(m, np.arange(a, b)) for m, a, b in zip(maps, lo, hi)):
-        core = core[np.ix_(*(m - a for m, a in zip(maps, lo)))]
-    return block_mean(core, factor)
+    return block_mean(_read_mapped(reader, maps), factor)
 
 
 # ---- info ------------------------------------------------------------------------------------

@@ -180,10 +180,9 @@ def write_pyramid(group: zarr.Group, name: str, *, labels: bool, voxel_size: Seq
         target = store.create_array(node, name=str(level + 1), shape=shape, dtype=level0.dtype, chunks=target_chunks,
                                     codec=CODEC[0], clevel=CODEC[1], dimension_names=("z", "y", "x"),
                                     attrs={"kind": f"{name} level {level + 1}"})
-        tasks = [task(node_path, level, tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, target_chunks,
-                                                                                              shape)),
-                      labels, dask_key_name=f"pyramid-{name}-{level + 1}-{'.'.join(map(str, index))}")
-                 for index in np.ndindex(*(-(-s // c) for s, c in zip(shape, target_chunks)))]
+        tasks = [task(node_path, level, store.chunk_region(index, shape, target_chunks), labels,
+                      dask_key_name=f"pyramid-{name}-{level + 1}-{'.'.join(map(str, index))}")
+                 for index in store.chunk_grid(shape, target_chunks)]
         compute(*tasks, progress=progress)
         store.mark_complete(target)
         level += 1

@@ -53,7 +53,7 @@ from .memory import trim_memory
 from .models import read_model_file
 from .normalize import Normalization, compute_normalization
 from .progress import active_client, compute
-from .resample import coarse_shape, downsample_array, lerp_weights, upsample_region
+from .resample import coarse_shape, downsample_array, lerp_weights, region_reader, upsample_region
 from .votes import write_merged, write_merged_block
 
 log = logging.getLogger(__name__)
@@ -105,16 +105,16 @@ class Plan:
     native_chunks: tuple[int, int, int] = (0, 0, 0)
 
     @property
-    def grid(self) -> list[tuple[int, int, int]]:
-        return list(np.ndindex(*(-(-s // c) for s, c in zip(self.shape, self.chunks))))
+    def grid(self) -> list[tuple[int, ...]]:
+        return store.chunk_grid(self.shape, self.chunks)
 
     def block(self, index: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """Block ``index`` on the grid the network sees (coarse when the model downsamples)."""
-        return tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.chunks, self.shape))
+        return store.chunk_region(index, self.shape, self.chunks)
 
     def native_block(self, index: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """Block ``index`` of the outputs, at the volume's resolution."""
-        return tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.native_chunks, self.native_shape))
+        return store.chunk_region(index, self.native_shape, self.native_chunks)
 
     @property
     def classes(self) -> int:
@@ -310,20 +310,14 @@ def _fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[in
         weights = [lerp_weights(a, b, factor, n) for (a, b), n in zip(native_block, shape)]
         around = tuple((int(j0.min()), int(j1.max()) + 1) for j0, j1, _ in weights)
         coarse = _predict_axes(volume, axes, around, shape, halo, spec, factor)
-        per_axis = [upsample_region(_shifted(p, around), native_block, factor, shape) for p in coarse]
+        origin = [a for a, _ in around]
+        per_axis = [upsample_region(region_reader(p, origin), native_block, factor, shape) for p in coarse]
         del coarse
         region = tuple(slice(a, b) for a, b in native_block)
     write_merged_block(output, per_axis, region, method=method, label_values=label_values, outputs=outputs)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     return 1
-
-
-def _shifted(probs: np.ndarray, origin: Sequence[tuple[int, int]]) -> Any:
-    """A reader of coarse regions (global coordinates) of ``probs``, which starts at ``origin``."""
-    def read(where: tuple[slice, ...]) -> np.ndarray:
-        return probs[(slice(None), *(slice(w.start - o, w.stop - o) for w, (o, _) in zip(where, origin)))]
-    return read
 
 
 # ---- the verb ------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["block_mean", "coarse_shape", "downsample_array", "lerp_weights", "native_indices", "upsample_region"]
+__all__ = ["block_mean", "coarse_shape", "downsample_array", "lerp_weights", "native_indices", "region_reader",
+           "upsample_region"]
 
 
 def coarse_shape(shape: Sequence[int], factor: int) -> tuple[int, ...]:
@@ -81,6 +82,14 @@ def lerp_weights(start: int, stop: int, factor: int, coarse_size: int) -> tuple[
     j0 = np.floor(u).astype(np.int64)
     w = (u - j0).astype(np.float32)
     return np.clip(j0, 0, coarse_size - 1), np.clip(j0 + 1, 0, coarse_size - 1), w
+
+
+def region_reader(probs: Any, origin: Sequence[int] = (0, 0, 0)) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """A ``read`` for :func:`upsample_region`: coarse regions, in global coordinates, of ``probs``
+    ``(C, z, y, x)`` (a numpy or Zarr array) whose first voxel is the global voxel ``origin``."""
+    def read(where: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(probs[(slice(None), *(slice(w.start - o, w.stop - o) for w, o in zip(where, origin)))])
+    return read
 
 
 def upsample_region(read: Callable[[tuple[slice, ...]], np.ndarray], region: Sequence[tuple[int, int]], factor: int,

@@ -101,6 +101,16 @@ def create_array(
     return zarr.create_array(store=str(store), name=name, zarr_format=3, **kwargs)
 
 
+def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[int, ...]]:
+    """Indices of the chunks of an array of ``shape`` in ``chunks`` (a partial last chunk counts)."""
+    return list(np.ndindex(*(-(-int(s) // int(c)) for s, c in zip(shape, chunks))))
+
+
+def chunk_region(index: Sequence[int], shape: Sequence[int], chunks: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` per axis of chunk ``index`` of an array of ``shape`` in ``chunks``."""
+    return tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+
+
 def open_for_writing(output: str | os.PathLike[str], path: str) -> zarr.Array:
     """The array ``path`` of the group ``output``, opened to write whole chunks.
 

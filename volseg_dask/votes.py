@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -261,14 +261,14 @@ def _merge_task(output: str, axes: tuple[str, ...], region: tuple[tuple[int, int
     With a downsampling model the per-axis probabilities are coarse: the block's coarse voxels (and
     one more around them) are read and upsampled linearly to the native ``region`` first.
     """
-    from .resample import upsample_region
+    from .resample import region_reader, upsample_region
 
     where = tuple(slice(a, b) for a, b in region)
     arrays = [zarr.open_array(store=output, path=f"probabilities/{axis}", mode="r") for axis in axes]
     if factor == 1:
         probs = [np.asarray(a[(slice(None), *where)]) for a in arrays]
     else:
-        probs = [upsample_region(_region_reader(a), region, factor, a.shape[1:]) for a in arrays]
+        probs = [upsample_region(region_reader(a), region, factor, a.shape[1:]) for a in arrays]
     write_merged_block(output, probs, where, method=method, label_values=label_values, outputs=outputs)
     return 1
 
@@ -285,12 +285,6 @@ def write_merged_block(output: str, probs: list[np.ndarray], where: tuple[slice,
         store.open_for_writing(output, f"{name}/0")[where] = merged[i]
     del merged
     trim_memory()
-
-
-def _region_reader(array: zarr.Array) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    def read(where: tuple[slice, ...]) -> np.ndarray:
-        return np.asarray(array[(slice(None), *where)])
-    return read
 
 
 def write_merged(group: zarr.Group, output: str | os.PathLike[str], axes: Sequence[str], *, method: str,
@@ -327,8 +321,8 @@ def write_merged(group: zarr.Group, output: str | os.PathLike[str], axes: Sequen
     task = dask.delayed(_merge_task, pure=False)
     path, spec = os.fspath(output), (tuple(axes), method, [int(v) for v in label_values], tuple(outputs), factor)
     tasks = []
-    for index in np.ndindex(*(-(-s // c) for s, c in zip(shape, chunks))):
-        region = tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+    for index in store.chunk_grid(shape, chunks):
+        region = store.chunk_region(index, shape, chunks)
         tasks.append(task(path, spec[0], region, *spec[1:], dask_key_name=f"merge-{'.'.join(map(str, index))}"))
     compute(*tasks, progress=progress)
     for name in names:
