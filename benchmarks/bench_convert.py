@@ -20,7 +20,7 @@ twice the volume. They are the throughput reference, not a memory one.
 Each run is a fresh child process (``run_measured`` polls the resident set size of the child's
 process tree; the child also reports its own kernel high-water mark ``VmHWM``). The comparison is
 fair by construction: the same array, the same Zarr v3 chunk grid (128³), the same Blosc codec object
-(``store.blosc("zstd", 5)``: zstd level 5, no shuffle for one-byte voxels), the same fill value, the same
+(``outputs.blosc("zstd", 5)``: zstd level 5, no shuffle for one-byte voxels), the same fill value, the same
 dask threaded scheduler with the same number of threads, the same warm page cache (the input is read
 once before timing), a fresh output folder per run, and alternating order (A B, B A, ...) so that load
 drift from other users of the machine falls on all. Throughput is input bytes over the time of the
@@ -67,7 +67,7 @@ def _child(method: str, src: Path, dst: Path, chunk: int, codec: str, clevel: in
     import psutil
     import zarr
 
-    from volseg_dask import io, store
+    from volseg_dask import io, outputs
 
     rss_before = psutil.Process().memory_info().rss
     cpu_before = _cpu_seconds()
@@ -78,7 +78,7 @@ def _child(method: str, src: Path, dst: Path, chunk: int, codec: str, clevel: in
         mm = np.load(src, mmap_mode="r")
         name = False if method == "to_zarr_name_false" else None
         arr = da.from_array(mm, chunks=(chunk,) * mm.ndim, name=name)
-        arr.to_zarr(str(dst), compressors=[store.blosc(codec, clevel, mm.dtype.itemsize)], fill_value=0,
+        arr.to_zarr(str(dst), compressors=[outputs.blosc(codec, clevel, mm.dtype.itemsize)], fill_value=0,
                     dimension_names=("z", "y", "x"), zarr_format=3)
     else:
         raise SystemExit(f"unknown method {method!r}")

@@ -8,7 +8,7 @@ with per-axis noise, softmax, ``round(p * 255)``, Blosc lz4 as ``predict`` write
 ``merge``
     ``volseg_dask.merge(OUT)``: the blockwise max-probability vote writing ``labels`` and
     ``confidence`` (the defaults), then their OME-Zarr pyramids. Its time is split into the
-    blockwise merge (``votes.write_merged``' store of level 0) and the pyramid levels, timed apart;
+    blockwise merge (``prediction.merging.write_merged``' store of level 0) and the pyramid levels, timed apart;
 ``read``
     the baseline: ``da.from_zarr`` of the three arrays (same chunks) and
     ``dask.compute(*(a.max() for a in arrays))``: every chunk read and decompressed, nothing written.
@@ -78,14 +78,14 @@ def make_prediction_output(path: Path, n: int, chunk: int) -> None:
     import dask.array as da
     import zarr
 
-    from volseg_dask import store
+    from volseg_dask import outputs
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    store.set_status(group, **store.provenance(
+    outputs.set_status(group, **outputs.provenance(
         kind="prediction", complete=False, axes=list(AXES), axes_done=list(AXES), merge="max",
         outputs=["confidence"], label_values=list(range(CLASSES)), voxel_size=None, run_key="bench"))
     for a, axis in enumerate(AXES):
-        arr = store.create_array(group, name=f"probabilities/{axis}", shape=(CLASSES, n, n, n), dtype=np.uint8,
+        arr = outputs.create_array(group, name=f"probabilities/{axis}", shape=(CLASSES, n, n, n), dtype=np.uint8,
                                  chunks=(CLASSES, chunk, chunk, chunk), codec="lz4", clevel=5,
                                  dimension_names=("c", "z", "y", "x"),
                                  attrs={"kind": "probabilities", "axis": axis, "label_values": list(range(CLASSES))})
@@ -93,7 +93,7 @@ def make_prediction_output(path: Path, n: int, chunk: int) -> None:
         probs = template.map_blocks(_probability_block, a, dtype=np.uint8)
         with dask.config.set(scheduler="threads"):
             da.store(probs, arr, lock=False)
-        store.mark_complete(arr)
+        outputs.mark_complete(arr)
 
 
 def _reference_max_vote(*probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +134,7 @@ def _child(method: str, path: str, threads: int) -> dict[str, Any]:
     import zarr
 
     import volseg_dask.ngff as ngff
-    import volseg_dask.votes as votes
+    import volseg_dask.prediction.merging as merging
 
     rss_before = psutil.Process().memory_info().rss / 2**20
     stages: dict[str, float] = {"merge_s": 0.0, "pyramid_s": 0.0}
@@ -154,9 +154,9 @@ def _child(method: str, path: str, threads: int) -> dict[str, Any]:
     with dask.config.set(scheduler="threads", num_workers=threads):
         c0, t0 = cpu_seconds(), time.perf_counter()
         if method == "merge":
-            timed(votes, "compute", "merge_s")
+            timed(merging, "compute", "merge_s")
             timed(ngff, "compute", "pyramid_s")
-            votes.merge(path)
+            merging.merge(path)
         else:
             group = zarr.open_group(path, mode="r")
             arrays = [da.from_zarr(group[f"probabilities/{a}"]) for a in AXES]

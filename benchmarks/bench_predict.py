@@ -93,7 +93,8 @@ def make_model(path: Path, kind: str, seed: int = 0) -> Path:
     import yaml
 
     from volseg_dask.config import ModelSettings
-    from volseg_dask.models import build_model, pad_multiple, save_model
+    from volseg_dask.models import ModelMeta, build_model, pad_multiple, save_model
+    from volseg_dask.normalize import Normalization
 
     spec = dict(MODELS[kind])
     if kind == "demo":
@@ -102,11 +103,8 @@ def make_model(path: Path, kind: str, seed: int = 0) -> Path:
     settings = ModelSettings(**spec)
     torch.manual_seed(seed)
     model = build_model(settings, classes=3)
-    meta = {
-        "model": dict(settings.__dict__), "classes": 3, "label_values": [0, 1, 2], "in_channels": 1,
-        "n_slices": 1, "pad_multiple": pad_multiple(model, settings),
-        "normalization": {"low": 0.0, "high": 255.0, "method": "percentile", "mean": 0.449, "std": 0.226},
-    }
+    meta = ModelMeta(model=settings, label_values=(0, 1, 2), normalization=Normalization(0.0, 255.0),
+                     pad_multiple=pad_multiple(model, settings))
     return save_model(path, model.eval(), meta)
 
 
@@ -152,7 +150,7 @@ def _warm_model(model_path: str, threads: int, batch: int, side: int) -> None:
     import torch
 
     from volseg_dask.device import select_device
-    from volseg_dask.inference import get_model, predict_planes, set_torch_threads
+    from volseg_dask.prediction.inference import get_model, predict_planes, set_torch_threads
 
     with dask.config.set(scheduler="threads", num_workers=threads):
         set_torch_threads(None)
@@ -187,8 +185,8 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     import dask
 
     import volseg_dask.ngff as ngff
-    import volseg_dask.prediction as prediction
-    import volseg_dask.votes as votes
+    import volseg_dask.prediction.merging as merging
+    import volseg_dask.prediction.run as prediction
     from volseg_dask.config import PredictSettings
 
     rss_imports = _rss_mb()
@@ -199,7 +197,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
         _warm_model(spec["model"], spec["threads"], spec["batch"], spec["block"] + 2 * spec["halo"])
     rss_warm = _rss_mb()
     tasks = _Timer(prediction, "compute")
-    merge = _Timer(votes, "compute")
+    merge = _Timer(merging, "compute")
     pyramid = _Timer(ngff, "compute")
     out = Path(spec["out"])
     with dask.config.set(scheduler="threads", num_workers=spec["threads"]):
@@ -223,32 +221,29 @@ def _plan_blocks(spec: dict[str, Any]) -> tuple[Any, list[tuple[tuple[int, int],
     settings = PredictSettings(axes=spec["axis"], chunks=[spec["block"]] * 3, halo=spec["halo"],
                                batch_size=spec["batch"], device="cpu")
     plan = plan_prediction(spec["volume"], spec["model"], Path(spec["scratch"]) / "unused.zarr", settings)
-    return plan, [plan.block(i) for i in plan.grid]
+    return plan, [plan.grid.block(i) for i in plan.grid.indices()]
 
 
 def _task_read(plan: Any, block: tuple[tuple[int, int], ...], ax: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """The block plus context exactly as the pipeline's per-axis task reads it, and that context."""
-    from volseg_dask import prediction
+    from volseg_dask.prediction import tasks
 
     half = (plan.spec.n_slices - 1) // 2
-    if hasattr(prediction, "_context"):  # halo toward neighbouring blocks only
-        context = prediction._context(block, plan.shape, plan.halo, ax, half)
-        return prediction._read_block(plan.volume, block, context), context
-    pads = [half if d == ax else plan.halo for d in range(3)]  # halo on every side, mirrored at the border
-    return prediction._read_block(plan.volume, block, pads), [(p, p) for p in pads]
+    context = tasks.block_context(block, plan.grid.shape, plan.grid.halo, ax, half)
+    return tasks.read_block(plan.volume, plan.grid, block, context), context
 
 
 def _raw_planes(spec: dict[str, Any]) -> tuple[list[np.ndarray], int]:
     """Normalised float32 planes (N, 1, H, W) in memory: the volume's own planes or the pipeline's tiles."""
-    from volseg_dask.inference import AXES
-    from volseg_dask.io import read_padded
+    from volseg_dask.grid import AXES
     from volseg_dask.normalize import apply
+    from volseg_dask.prediction.reads import read_padded
 
     plan, blocks = _plan_blocks(spec)
     ax = AXES[spec["axis"]]
     batches: list[np.ndarray] = []
     if spec["planes"] == "whole":
-        vol = read_padded(spec["volume"], [0, 0, 0], list(plan.shape))
+        vol = read_padded(spec["volume"], [0, 0, 0], list(plan.grid.shape))
         planes = np.ascontiguousarray(np.moveaxis(apply(vol, plan.spec.normalization), ax, 0))[:, None]
         batches = [planes[s:s + spec["batch"]] for s in range(0, len(planes), spec["batch"])]
     else:
@@ -256,19 +251,19 @@ def _raw_planes(spec: dict[str, Any]) -> tuple[list[np.ndarray], int]:
             data, _ = _task_read(plan, block, ax)
             planes = np.ascontiguousarray(np.moveaxis(apply(data, plan.spec.normalization), ax, 0))[:, None]
             batches += [planes[s:s + spec["batch"]] for s in range(0, len(planes), spec["batch"])]
-    return batches, int(np.prod(plan.shape))
+    return batches, int(np.prod(plan.grid.shape))
 
 
 def child_raw(spec: dict[str, Any]) -> dict[str, Any]:
     """The model alone on in-memory planes: a pool of threads × 1 torch thread, or 1 caller × N torch threads."""
     import torch
 
-    from volseg_dask.inference import _pad_to_multiple, get_model
+    from volseg_dask.prediction.inference import _pad_to_multiple, get_model
 
     batches, voxels = _raw_planes(spec)
     device = torch.device("cpu")
     model, meta = get_model(spec["model"], device)
-    multiple = int(meta.get("pad_multiple", 32))
+    multiple = meta.pad_multiple
 
     def run(batch: np.ndarray) -> int:
         with torch.inference_mode():
@@ -299,20 +294,21 @@ def child_profile(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import zarr
 
-    from volseg_dask import store
-    from volseg_dask.inference import AXES, _pad_to_multiple, get_model, to_uint8
+    from volseg_dask import outputs
+    from volseg_dask.grid import AXES
     from volseg_dask.normalize import apply
-    from volseg_dask.prediction import _create_arrays, _prepare_output, _tasks
+    from volseg_dask.prediction.inference import _pad_to_multiple, get_model, to_uint8
+    from volseg_dask.prediction.run import _create_arrays, _prepare_output, _tasks
 
     _warm_model(spec["model"], spec["threads"], spec["batch"], spec["block"] + 2 * spec["halo"])
     torch.set_num_threads(1)  # as in the pipeline's tasks: one torch thread (here in one thread only)
     plan, _ = _plan_blocks(spec)
-    index = plan.grid[spec.get("block_index", 0)]
-    block = plan.block(index)
+    index = plan.grid.indices()[spec.get("block_index", 0)]
+    block = plan.grid.block(index)
     ax = AXES[spec["axis"]]
     device = torch.device("cpu")
     model, meta = get_model(spec["model"], device)
-    multiple = int(meta.get("pad_multiple", 32))
+    multiple = meta.pad_multiple
     t: dict[str, float] = dict.fromkeys(("read", "normalize", "forward", "softmax_crop", "uint8", "reorder",
                                          "write"), 0.0)
     clock = time.perf_counter
@@ -346,10 +342,11 @@ def child_profile(spec: dict[str, Any]) -> dict[str, Any]:
     t["reorder"] += clock() - s0
     scratch = Path(spec["scratch"]) / f"profile-{spec['axis']}.zarr"
     shutil.rmtree(scratch, ignore_errors=True)
-    arr = store.create_array(zarr.open_group(str(scratch), mode="w", zarr_format=3), name="p",
-                             shape=(plan.classes, *plan.shape), dtype=np.uint8, chunks=(plan.classes, *plan.chunks),
-                             codec=plan.settings.probability_codec, clevel=5)
-    arr = arr.with_config({"write_empty_chunks": True})  # as the task writes (store.open_for_writing)
+    arr = outputs.create_array(zarr.open_group(str(scratch), mode="w", zarr_format=3), name="p",
+                               shape=(plan.classes, *plan.grid.shape), dtype=np.uint8,
+                               chunks=(plan.classes, *plan.grid.chunks), codec=plan.settings.probability_codec,
+                               clevel=5)
+    arr = arr.with_config({"write_empty_chunks": True})  # as the task writes (outputs.open_for_writing)
     s0 = clock()
     arr[(slice(None), *(slice(a, b) for a, b in block))] = result
     t["write"] += clock() - s0

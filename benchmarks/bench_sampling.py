@@ -52,9 +52,12 @@ CRITERION_LOADER_OVER_STEP = 5.0
 
 
 def _dataset(pairs: list[tuple[Any, Any]], settings: Any, *, augment: bool, length: int, seed: int = 0) -> Any:
-    from volseg_dask.augment import Augmenter
+    from volseg_dask.labels import label_mapping
     from volseg_dask.normalize import Normalization
-    from volseg_dask.sampling import SliceDataset, label_mapping, make_split, open_training_volumes
+    from volseg_dask.training.augment import Augmenter
+    from volseg_dask.training.dataset import SliceDataset
+    from volseg_dask.training.split import make_split
+    from volseg_dask.training.volumes import open_training_volumes
 
     vols = open_training_volumes(pairs, settings.data)
     mapping = label_mapping(np.unique(np.concatenate([v.scan.values for v in vols])), None, "bench")
@@ -105,7 +108,7 @@ def _step_rate(settings: Any, steps: int = 3) -> dict[str, Any]:
     import torch
 
     from volseg_dask.models import build_model
-    from volseg_dask.training import make_loss
+    from volseg_dask.training.losses import make_loss
 
     model = build_model(settings.model, classes=3)
     loss_fn = make_loss(settings.train.loss)

@@ -51,15 +51,15 @@ def predict_axis(model: Any, meta: dict[str, Any], image: np.ndarray, axis: int,
     """Class probabilities (C, z, y, x) float32 from 2D predictions of every slice along ``axis``."""
     import torch
 
-    from volseg_dask.inference import predict_planes
-    from volseg_dask.io import mirror_indices
-    from volseg_dask.normalize import Normalization, apply
+    from volseg_dask.grid import mirror_indices
+    from volseg_dask.normalize import apply
+    from volseg_dask.prediction.inference import predict_planes
 
-    norm = Normalization.from_dict(meta["normalization"])
-    n_slices = int(meta["n_slices"])
+    norm = meta.normalization
+    n_slices = meta.n_slices
     half = n_slices // 2
     planes = np.moveaxis(image, axis, 0)
-    out = np.empty((int(meta["classes"]), *planes.shape), np.float32)
+    out = np.empty((meta.classes, *planes.shape), np.float32)
     for s in range(0, len(planes), batch_size):
         idx = np.arange(s, min(s + batch_size, len(planes)))
         stack = np.stack([planes[mirror_indices(i - half, i + half + 1, len(planes))] for i in idx])
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     probs = [predict_axis(model, meta, test_image, axis) for axis in range(3)]
     infer_seconds = time.perf_counter() - t1
-    k = int(meta["classes"])
+    k = meta.classes
     per_axis = {name: dice(confusion(test_labels, p.argmax(0).astype(np.uint8), k)) for name, p in zip("zyx", probs)}
     pooled_conf = sum(confusion(test_labels, p.argmax(0).astype(np.uint8), k) for p in probs)
     pooled = dice(pooled_conf)  # type: ignore[arg-type]

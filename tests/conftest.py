@@ -35,17 +35,15 @@ def make_model_file(path: Path, *, classes: int = 3, label_values=(0, 1, 2), n_s
     import torch
 
     from volseg_dask.config import ModelSettings
-    from volseg_dask.models import build_model, pad_multiple, save_model
+    from volseg_dask.models import ModelMeta, build_model, pad_multiple, save_model
+    from volseg_dask.normalize import Normalization
 
     settings = ModelSettings(architecture="Unet", encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 4],
                              n_slices=n_slices)
     torch.manual_seed(seed)
     model = build_model(settings, classes=classes)
-    meta = {
-        "model": dict(settings.__dict__), "classes": classes, "label_values": list(label_values),
-        "in_channels": n_slices, "n_slices": n_slices, "pad_multiple": pad_multiple(model, settings),
-        "normalization": {"low": low, "high": high, "method": "percentile", "mean": 0.449, "std": 0.226},
-    }
+    meta = ModelMeta(model=settings, label_values=tuple(label_values), normalization=Normalization(low, high),
+                     in_channels=n_slices, pad_multiple=pad_multiple(model, settings))
     return save_model(path, model, meta)
 
 
@@ -61,7 +59,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from volseg_dask.config import ModelSettings
-    from volseg_dask.models import build_model, pad_multiple, save_model
+    from volseg_dask.models import ModelMeta, build_model, pad_multiple, save_model
     from volseg_dask.normalize import Normalization, apply
     from volseg_dask.synthetic import make_volume
 
@@ -81,10 +79,8 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    meta = {
-        "model": dict(settings.__dict__), "classes": 3, "label_values": [0, 1, 2], "in_channels": 1,
-        "n_slices": 1, "pad_multiple": pad_multiple(model, settings), "normalization": norm.to_dict(),
-    }
+    meta = ModelMeta(model=settings, label_values=(0, 1, 2), normalization=norm,
+                     pad_multiple=pad_multiple(model, settings))
     return save_model(tmp_path_factory.mktemp("trained") / "trained.pt", model.eval(), meta)
 
 

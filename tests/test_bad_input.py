@@ -24,8 +24,8 @@ from click.testing import CliRunner
 from volseg_dask.cli import cli
 from volseg_dask.config import Settings
 from volseg_dask.models import FORMAT
+from volseg_dask.outputs import create_array, status
 from volseg_dask.prediction import predict
-from volseg_dask.store import create_array, status
 from volseg_dask.synthetic import make_volume, write_demo_data
 
 from .conftest import make_model_file
@@ -100,7 +100,7 @@ def world(tmp_path_factory) -> Path:
     (w / ".locked.zarr.lock").write_text('{"host": "another-node", "pid": 1, "since": "then"}')
     unfinished = w / "unfinished.zarr"
     predict(image, model, unfinished, s)
-    from volseg_dask.store import set_status
+    from volseg_dask.outputs import set_status
 
     set_status(zarr.open_group(str(unfinished), mode="r+"), complete=False)
     return w

@@ -89,7 +89,24 @@ def test_api_verbs_stay_functions_after_their_modules_are_imported():
 
     import volseg_dask as vs
 
-    for module in ("training", "prediction", "votes", "metrics", "io"):
+    for module in ("training", "training.run", "prediction", "prediction.run", "prediction.merging", "metrics",
+                   "io", "io.conversion", "io.volume"):
         importlib.import_module(f"volseg_dask.{module}")
     for verb in ("train", "predict", "merge", "evaluate", "convert", "export", "open_volume", "predict_array"):
         assert callable(getattr(vs, verb)) and not isinstance(getattr(vs, verb), type(vs)), verb
+
+
+def test_verbosity_and_debug_are_accepted_after_the_subcommand(tmp_path):
+    import logging
+
+    np.save(tmp_path / "v.npy", np.zeros((4, 4, 4), np.uint8))
+    logger = logging.getLogger("volseg_dask")
+    assert run("convert", str(tmp_path / "v.npy"), str(tmp_path / "a.zarr"), "-v").exit_code == 0
+    assert logger.level == logging.INFO
+    assert run("-v", "convert", str(tmp_path / "v.npy"), str(tmp_path / "b.zarr"), "-v").exit_code == 0
+    assert logger.level == logging.DEBUG  # -v before and after add up
+    assert run("config", "show", "-q").exit_code == 0 and logger.level == logging.ERROR
+    proc = subprocess.run([sys.executable, "-m", "volseg_dask.cli", "info", str(tmp_path / "x.tif"), "--debug"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "VolumeNotFoundError" in proc.stderr
+    assert "-v, --verbose" in run("predict", "--help").output

@@ -105,7 +105,7 @@ def test_convert_merge_evaluate_on_a_local_cluster_equal_threads(vol, threaded, 
 
     from volseg_dask.io import convert
     from volseg_dask.metrics import evaluate
-    from volseg_dask.votes import merge
+    from volseg_dask.prediction import merge
 
     source = tmp_path / "vol.npy"
     np.save(source, read_array(vol)[:, 3:, 5:])  # uneven against the chunks below

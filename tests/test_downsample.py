@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,16 @@ import zarr
 
 from volseg_dask.config import Settings
 from volseg_dask.errors import ConfigError
-from volseg_dask.io import convert, open_volume, read_downsampled
+from volseg_dask.grid import BlockGrid, coarse_shape
+from volseg_dask.io import convert, open_volume
 from volseg_dask.models import load_model, read_model_file, save_model
-from volseg_dask.prediction import predict, predict_array
-from volseg_dask.resample import coarse_shape, downsample_array, upsample_region
-from volseg_dask.sampling import open_training_volumes
+from volseg_dask.prediction import merge, predict, predict_array
+from volseg_dask.prediction.reads import read_downsampled
+from volseg_dask.prediction.upsample import upsample_region
+from volseg_dask.resample import downsample_array
 from volseg_dask.synthetic import write_demo_data
 from volseg_dask.training import train
-from volseg_dask.votes import merge
+from volseg_dask.training.volumes import open_training_volumes
 
 from .conftest import read_array
 
@@ -38,9 +41,8 @@ def vol(tmp_path_factory) -> Path:
 def half_model(trained_model, tmp_path_factory) -> Path:
     """The trained test model, declared to work at half resolution (as data.downsample: 2 records it)."""
     model, meta = load_model(trained_model)
-    _, raw = read_model_file(trained_model)
-    assert "downsample" not in raw
-    return save_model(tmp_path_factory.mktemp("half") / "half.pt", model, {**meta, "downsample": 2})
+    assert meta.downsample == 1
+    return save_model(tmp_path_factory.mktemp("half") / "half.pt", model, dataclasses.replace(meta, downsample=2))
 
 
 @pytest.mark.parametrize("factor", [2, 3])
@@ -83,8 +85,10 @@ def test_upsampling_is_blockwise_exact_and_trilinear(factor, shape):
     def read(where):
         return probs[(slice(None), *where)]
 
-    whole = upsample_region(read, [(0, s) for s in shape], factor, cs, slab=5)
-    part = upsample_region(read, [(3, 11), (5, 15), (0, 7)], factor, cs, slab=3)
+    grid = BlockGrid(shape, shape, factor)
+    assert grid.shape == cs
+    whole = upsample_region(read, [(0, s) for s in shape], grid, slab=5)
+    part = upsample_region(read, [(3, 11), (5, 15), (0, 7)], grid, slab=3)
     np.testing.assert_array_equal(whole[:, 3:11, 5:15, 0:7], part)
     reference = torch.nn.functional.interpolate(torch.from_numpy(probs[None].astype(np.float32)), scale_factor=factor,
                                                 mode="trilinear", align_corners=False)[0].numpy()
@@ -157,7 +161,7 @@ def test_training_at_half_resolution(small_volume, tmp_path):
     assert sum(vol.scan.profiles[0]) == labels.size  # every voxel labelled, counted at native resolution
     result = train([(image, labels)], tmp_path / "m.pt", s)
     _, meta = read_model_file(result.model_path)
-    assert meta["downsample"] == 2
+    assert meta.downsample == 2
     np.save(tmp_path / "image.npy", image)
     out = predict(tmp_path / "image.npy", result.model_path, tmp_path / "p.zarr", settings(chunks=[16, 16, 16], halo=8))
     assert read_array(out.output / "labels").shape == image.shape

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import zarr
 
-from volseg_dask.store import status
+from volseg_dask.outputs import status
 from volseg_dask.synthetic import write_demo_data
 
 from .conftest import read_array

@@ -15,7 +15,7 @@ import pytest
 import tifffile
 import zarr
 
-from volseg_dask import store
+from volseg_dask import outputs
 from volseg_dask.errors import (
     ConfigError,
     IncompleteOutputError,
@@ -108,7 +108,7 @@ def test_round_trip_npy_zarr_tiff_zarr_h5(tmp_path, vol):
         np.testing.assert_array_equal(got, vol, err_msg=str(path))
     arr = zarr.open_array(str(z2))
     assert arr.chunks == (17, 17, 17)
-    meta = arr.attrs[store.ATTR]
+    meta = arr.attrs[outputs.ATTR]
     assert meta["complete"] is True and meta["source"] == str(t) and meta["version"]
 
 
@@ -240,8 +240,8 @@ def test_existing_output_is_refused_and_kept(tmp_path, vol):
 
 
 def test_incomplete_input_is_refused(tmp_path):
-    arr = store.create_array(tmp_path / "half.zarr", shape=(8, 8, 8), dtype="u1", chunks=(4, 4, 4))
-    store.set_status(arr, blocks_done=3, blocks_total=8)
+    arr = outputs.create_array(tmp_path / "half.zarr", shape=(8, 8, 8), dtype="u1", chunks=(4, 4, 4))
+    outputs.set_status(arr, blocks_done=3, blocks_total=8)
     with pytest.raises(IncompleteOutputError, match=r"incomplete \(3 of 8 blocks written\)"):
         open_volume(tmp_path / "half.zarr")
     with pytest.raises(IncompleteOutputError):
@@ -272,7 +272,7 @@ def test_disk_failure_midway_leaves_nothing(tmp_path, vol, monkeypatch):
 
 def test_tiff_export_failure_leaves_nothing(tmp_path, vol, monkeypatch):
     src = convert_npy(tmp_path, vol)
-    import volseg_dask.io as io_mod
+    import volseg_dask.io.conversion as io_mod
 
     real = io_mod.compute
     calls = {"n": 0}
@@ -304,7 +304,7 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path, vol):
 
 
 def test_export_refuses_an_input_rewritten_while_read(tmp_path, monkeypatch):
-    import volseg_dask.io as io_mod
+    import volseg_dask.io.conversion as io_mod
     from volseg_dask.synthetic import write_demo_data
 
     image, _ = write_demo_data(tmp_path, 16, seed=1, chunks=8)

@@ -2,28 +2,79 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
 import torch
 
-from volseg_dask.config import ModelSettings
+from volseg_dask.config import ModelSettings, smp_architectures
 from volseg_dask.errors import ConfigError, ModelFileError
 from volseg_dask.models import (
     FORMAT,
+    FORMAT_VERSION,
+    ModelMeta,
+    _fit_channels,
     architectures,
     build_model,
     load_encoder_weights,
     load_model,
+    read_model_file,
     save_model,
 )
+from volseg_dask.normalize import Normalization
 
 TINY = ModelSettings(architecture="Unet", encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 4])
 
 
 def _meta(**extra):
-    return {"model": {**TINY.__dict__}, "classes": 3, "label_values": [0, 2, 255], "in_channels": 1,
-            "normalization": {"low": 0.0, "high": 1.0}, **extra}
+    return ModelMeta(model=TINY, label_values=(0, 2, 255), normalization=Normalization(0.0, 1.0), **extra)
+
+
+def test_model_meta_round_trips_through_a_file(tmp_path):
+    meta = _meta(ignore_label=255, downsample=2, pad_multiple=8, settings={"train": {"epochs": 3}},
+                 training={"stop_reason": "completed", "history": [{"epoch": 1, "dice": [0.5, None]}]},
+                 train_data=[{"image": "a.zarr", "labels": "b.zarr", "shape": [8, 8, 8]}])
+    assert ModelMeta.from_dict(meta.to_dict()) == meta
+    path = save_model(tmp_path / "m.pt", build_model(TINY, classes=3), meta)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == FORMAT_VERSION == 2 and raw["meta"]["classes"] == 3
+    _, loaded = read_model_file(path)
+    assert loaded.versions["volseg_dask"] and dataclasses.replace(loaded, versions={}) == meta
+
+
+def test_damaged_metadata_is_refused_naming_the_field(tmp_path):
+    good = _meta().to_dict()
+    cases = [({k: v for k, v in good.items() if k != "downsample"}, "lacks 'downsample'"),
+             ({**good, "classes": 2}, "2 classes but label values"),
+             ({**good, "downsample": 7}, "downsample factor 7"),
+             ({**good, "in_channels": 3}, "takes 3 channels"),
+             ({**good, "model": {**good["model"], "architecture": "NoSuchNet"}}, "model.architecture")]
+    for raw, message in cases:
+        with pytest.raises(ModelFileError, match=message):
+            ModelMeta.from_dict(raw, path="m.pt")
+    # format 1 files could lack the fields later versions always write
+    old = {k: v for k, v in good.items() if k not in ("downsample", "pad_multiple", "n_slices")}
+    meta = ModelMeta.from_dict(old, format_version=1)
+    assert (meta.downsample, meta.pad_multiple, meta.n_slices) == (1, 32, 1)
+
+
+def test_architectures_come_from_smps_registry():
+    assert set(smp_architectures()) == set(architectures())
+    assert ModelSettings(architecture="unetplusplus").architecture == "UnetPlusPlus"
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 5, 7])
+def test_first_conv_adaptation_is_smps_and_matches_our_former_formula(channels):
+    """smp's patch_first_conv (used now) equals the formula this package used before: summed over RGB for
+    one channel, RGB cycled and scaled by 3 / channels otherwise."""
+    src = torch.randn(16, 3, 7, 7)
+    former = src.sum(1, keepdim=True) if channels == 1 else \
+        src.repeat(1, -(-channels // 3), 1, 1)[:, :channels] * (3 / channels)
+    fitted = _fit_channels(src, torch.Size((16, channels, 7, 7)))
+    assert fitted is not None and fitted.shape == (16, channels, 7, 7)
+    assert torch.allclose(fitted, former)
+    assert _fit_channels(src, torch.Size((8, channels, 7, 7))) is None  # another layer
 
 
 def test_every_installed_architecture_builds():
@@ -52,7 +103,7 @@ def test_model_file_round_trip_gives_identical_outputs(tmp_path):
     x = torch.randn(2, 1, 32, 48)
     with torch.inference_mode():
         assert torch.equal(model(x), loaded(x))
-    assert meta["label_values"] == [0, 2, 255] and meta["versions"]["volseg_dask"]
+    assert meta.label_values == (0, 2, 255) and meta.versions["volseg_dask"]
     assert not list(tmp_path.glob(".*partial*"))
 
 

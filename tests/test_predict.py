@@ -22,11 +22,13 @@ from volseg_dask.errors import (
     OutputLockedError,
     VolumeValueError,
 )
+from volseg_dask.grid import BlockGrid
 from volseg_dask.io import open_volume
-from volseg_dask.prediction import predict, predict_array
-from volseg_dask.store import OutputLock, status
+from volseg_dask.outputs import OutputLock, create_array, mark_complete, status
+from volseg_dask.prediction import merge, predict, predict_array
+from volseg_dask.prediction.merging import write_merged
+from volseg_dask.prediction.votes import merge_block
 from volseg_dask.synthetic import write_demo_data
-from volseg_dask.votes import merge, merge_block, merged_arrays
 
 from .conftest import make_model_file, read_array
 
@@ -117,13 +119,23 @@ def test_merge_methods_by_hand():
     assert ent == 255
 
 
-def test_blockwise_merge_equals_whole_arrays():
+@pytest.mark.parametrize("method", ["max", "mean", "vote"])
+def test_blockwise_merge_equals_whole_arrays(tmp_path, method):
+    """write_merged (the merge of predict and `volseg merge`) on uneven blocks equals one whole-array merge."""
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (3, 23, 31, 17), dtype=np.uint8) for _ in range(3)]
-    whole = merge_block(*arrays, method="max", label_values=[0, 1, 2], outputs=("confidence", "entropy"))
-    lazy = merged_arrays([da.from_array(a, chunks=(3, 7, 11, 5)) for a in arrays], method="max",
-                         label_values=[0, 1, 2], outputs=("confidence", "entropy"))
-    np.testing.assert_array_equal(lazy.compute(), whole)
+    whole = merge_block(*arrays, method=method, label_values=[0, 4, 9], outputs=("confidence", "entropy"))
+    group = zarr.open_group(str(tmp_path / "m.zarr"), mode="w", zarr_format=3)
+    for axis, probs in zip("zyx", arrays):
+        arr = create_array(group, name=f"probabilities/{axis}", shape=probs.shape, dtype=np.uint8, chunks=(3, 7, 11, 5))
+        arr[...] = probs
+        mark_complete(arr)
+    grid = BlockGrid((23, 31, 17), (7, 11, 5))
+    write_merged(group, tmp_path / "m.zarr", "zyx", grid, method=method, label_values=[0, 4, 9],
+                 extras=("confidence", "entropy"), attrs={})
+    for row, name in enumerate(("labels", "confidence", "entropy")):
+        np.testing.assert_array_equal(read_array(tmp_path / "m.zarr" / name), whole[row], err_msg=name)
+        assert zarr.open_array(str(tmp_path / "m.zarr" / name / "0")).chunks == (7, 11, 5)
 
 
 def test_rerun_refuses_mixing_and_existing(vol48, tiny_model, tmp_path):
@@ -133,7 +145,7 @@ def test_rerun_refuses_mixing_and_existing(vol48, tiny_model, tmp_path):
         predict(vol48[0], tiny_model, out, settings(chunks=[24, 24, 24], halo=8, axes="z"))
     # an unfinished output made with other settings is not mixed with new blocks
     group = zarr.open_group(str(out), mode="r+")
-    from volseg_dask.store import set_status
+    from volseg_dask.outputs import set_status
 
     set_status(group, complete=False)
     with pytest.raises(OutputExistsError, match="differs in: halo"):
@@ -249,7 +261,7 @@ def test_outputs_are_ome_zarr_multiscales(tmp_path, tiny_model):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    from volseg_dask.ngff import mode_2x2x2
+    from volseg_dask.resample import mode_2x2x2
 
     image, _ = write_demo_data(tmp_path, (72, 80, 96), seed=2, chunks=32)
     out = predict(image, tiny_model, tmp_path / "o.zarr", settings(chunks=[32, 32, 32], halo=8, axes="z")).output
@@ -264,7 +276,7 @@ def test_outputs_are_ome_zarr_multiscales(tmp_path, tiny_model):
     labels = read_array(out / "labels")
     level1 = zarr.open_array(str(out / "labels" / "1"))[:]
     cubes = labels.reshape(36, 2, 40, 2, 48, 2)
-    np.testing.assert_array_equal(level1, mode_2x2x2(cubes, axis=(1, 3, 5)))
+    np.testing.assert_array_equal(level1, mode_2x2x2(cubes))
     # spot-check the mode by hand on one cube
     cube = labels[:2, :2, :2].ravel()
     counts = np.bincount(cube)

@@ -8,24 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from volseg_dask.augment import Augmenter
 from volseg_dask.config import AugmentSettings, DataSettings, Settings
 from volseg_dask.errors import ConfigError, VolumeFormatError, VolumeValueError
+from volseg_dask.labels import IGNORE_INDEX, LabelMapping, label_mapping
 from volseg_dask.normalize import Normalization
-from volseg_dask.sampling import (
-    GUARD,
-    IGNORE_INDEX,
-    TRAIN,
-    VAL,
-    ChunkCache,
-    EpochSampler,
-    LabelMapping,
-    SliceDataset,
-    label_mapping,
-    make_split,
-    open_training_volumes,
-    worker_init,
-)
+from volseg_dask.training.augment import Augmenter
+from volseg_dask.training.cache import ChunkCache
+from volseg_dask.training.dataset import EpochSampler, SliceDataset, worker_init
+from volseg_dask.training.split import GUARD, TRAIN, VAL, make_split
+from volseg_dask.training.volumes import open_training_volumes
 
 NORM = Normalization(low=3000.0, high=50000.0)
 
@@ -60,7 +51,7 @@ def test_shapes_axes_and_labels(small_zarr):
 
 def test_lazy_reads_equal_the_in_memory_volume(small_zarr):
     """The chunk-cached Zarr sampler and the same sampler over numpy arrays give the same slices."""
-    from volseg_dask.io import open_volume
+    from volseg_dask.io.volume import open_volume
 
     image, labels = (open_volume(p).compute() for p in small_zarr)
     lazy, *_ = _dataset([small_zarr], length=24)

@@ -11,12 +11,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from volseg_dask import training as train_mod
 from volseg_dask.config import ModelSettings, Settings
 from volseg_dask.errors import OutputExistsError, VolumeFormatError, VolumeValueError
+from volseg_dask.labels import IGNORE_INDEX
 from volseg_dask.models import build_model, load_model
-from volseg_dask.sampling import IGNORE_INDEX
-from volseg_dask.training import lr_at, lr_range_test, make_loss, train
+from volseg_dask.training import loop as loop_mod
+from volseg_dask.training import run as run_mod
+from volseg_dask.training import step as step_mod
+from volseg_dask.training import train
+from volseg_dask.training.loop import lr_at
+from volseg_dask.training.losses import make_loss
+from volseg_dask.training.lr_finder import lr_range_test
 
 TINY = {"architecture": "Unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]}
 
@@ -94,7 +99,7 @@ def test_lr_finder_returns_a_finite_rate_on_a_toy_problem():
 
 def test_a_sweep_cut_short_at_low_rates_falls_back_to_a_common_rate():
     """16 of 100 steps (a CPU time budget) cover only 1e-6..6e-6: the descent there is no choice."""
-    from volseg_dask.training import FALLBACK_LR, _suggest
+    from volseg_dask.training.lr_finder import FALLBACK_LR, _suggest
 
     lrs = [1e-6 * (10 ** (4 * i / 99)) for i in range(16)]
     losses = [1.2 - 0.01 * i for i in range(16)]  # still falling
@@ -123,27 +128,28 @@ def test_short_fit_decreases_the_loss_and_writes_everything(fitted, odd_labels):
 def test_model_file_loads_predicts_and_maps_labels_back(fitted, odd_labels, small_volume):
     result, out = fitted
     model, meta = load_model(out)
-    assert meta["label_values"] == [0, 7, 255] and meta["classes"] == 3
-    assert meta["n_slices"] == meta["in_channels"] == 1 and meta["ignore_label"] is None
-    assert meta["pad_multiple"] == 8 and meta["model"]["encoder"] == "resnet18"
-    assert meta["settings"]["train"]["epochs"] == 4
-    training = meta["training"]
+    assert meta.label_values == (0, 7, 255) and meta.classes == 3
+    assert meta.n_slices == meta.in_channels == 1 and meta.ignore_label is None
+    assert meta.pad_multiple == 8 and meta.model.encoder == "resnet18"
+    assert meta.settings["train"]["epochs"] == 4
+    training = meta.training
     assert training["stop_reason"] == result.stop_reason and training["best_epoch"] == result.best_epoch
     assert set(training["val_dice"]) == {"0", "7", "255"} and training["learning_rates"]
-    assert meta["train_data"][0]["shape"] == [40, 48, 56] and meta["train_data"][0]["split"]["z"]["val"] > 0
+    assert meta.train_data[0]["shape"] == [40, 48, 56] and meta.train_data[0]["split"]["z"]["val"] > 0
     from volseg_dask.normalize import Normalization, apply
 
     image, _labels = small_volume
-    x = torch.from_numpy(apply(image[20:21, :, :48], Normalization.from_dict(meta["normalization"])))[None]
+    assert isinstance(meta.normalization, Normalization)
+    x = torch.from_numpy(apply(image[20:21, :, :48], meta.normalization))[None]
     with torch.inference_mode():
         pred = model(x).argmax(1).numpy()
-    values = np.asarray(meta["label_values"])[pred]
+    values = np.asarray(meta.label_values)[pred]
     assert set(np.unique(values)) <= {0, 7, 255}
 
 
 def test_existing_output_is_refused_before_any_work(fitted, odd_labels, monkeypatch):
     _, out = fitted
-    monkeypatch.setattr(train_mod, "open_training_volumes", lambda *a, **k: pytest.fail("did work"))
+    monkeypatch.setattr(run_mod, "open_training_volumes", lambda *a, **k: pytest.fail("did work"))
     with pytest.raises(OutputExistsError, match="already exists"):
         train([odd_labels], out, tiny_settings())
 
@@ -178,8 +184,8 @@ def test_separate_validation_volumes_and_no_validation(small_volume, tmp_path):
     other = make_volume(32, seed=2)
     result = train([(image, labels)], tmp_path / "a.pt", tiny_settings(epochs=1), validation=[other])
     _, meta = load_model(tmp_path / "a.pt")
-    assert meta["validation_data"][0]["shape"] == [32, 32, 32] and result.best_val_loss is not None
-    assert meta["train_data"][0]["split"]["z"]["val"] == 0  # the training volume is used whole
+    assert meta.validation_data[0]["shape"] == [32, 32, 32] and result.best_val_loss is not None
+    assert meta.train_data[0]["split"]["z"]["val"] == 0  # the training volume is used whole
     settings = tiny_settings(epochs=1).with_overrides({"data.validation_fraction": 0.0})
     result = train([(image, labels)], tmp_path / "b.pt", settings)
     assert result.best_val_loss is None and "val_loss" not in result.history[0]
@@ -187,7 +193,7 @@ def test_separate_validation_volumes_and_no_validation(small_volume, tmp_path):
 
 def test_ctrl_c_saves_the_best_model_so_far_and_says_so(small_volume, tmp_path, monkeypatch, caplog):
     image, labels = small_volume
-    real = train_mod._Runner.validate
+    real = loop_mod.Runner.validate
     calls = []
 
     def validate(self):
@@ -196,16 +202,16 @@ def test_ctrl_c_saves_the_best_model_so_far_and_says_so(small_volume, tmp_path, 
             raise KeyboardInterrupt
         return real(self)
 
-    monkeypatch.setattr(train_mod._Runner, "validate", validate)
+    monkeypatch.setattr(loop_mod.Runner, "validate", validate)
     with caplog.at_level("WARNING", logger="volseg_dask.training"):
         result = train([(image, labels)], tmp_path / "m.pt", tiny_settings(epochs=5))
     assert result.stop_reason == "interrupted" and result.best_epoch == 1
     assert "interrupted: saved the best model so far (epoch 1" in caplog.text
     _, meta = load_model(tmp_path / "m.pt")
-    assert meta["training"]["stop_reason"] == "interrupted"
+    assert meta.training["stop_reason"] == "interrupted"
 
     calls.clear()
-    monkeypatch.setattr(train_mod._Runner, "validate", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop_mod.Runner, "validate", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         train([(image, labels)], tmp_path / "none.pt", tiny_settings(epochs=5))
     assert not (tmp_path / "none.pt").exists() and not list(tmp_path.glob(".none.pt*"))
@@ -215,7 +221,7 @@ def test_time_limit_stops_after_at_least_one_step(small_volume, tmp_path):
     image, labels = small_volume
     result = train([(image, labels)], tmp_path / "m.pt", tiny_settings(epochs=50, max_minutes=0.0))
     assert result.stop_reason == "time limit" and result.epochs_run == 1
-    assert load_model(tmp_path / "m.pt")[1]["training"]["stop_reason"] == "time limit"
+    assert load_model(tmp_path / "m.pt")[1].training["stop_reason"] == "time limit"
 
 
 def test_two_phase_fine_tuning_with_local_encoder_weights(small_volume, tmp_path):
@@ -231,9 +237,9 @@ def test_two_phase_fine_tuning_with_local_encoder_weights(small_volume, tmp_path
     assert len(result.learning_rates) == 2 and "lr_finder_1" in result.outputs
 
     model = build_model(ModelSettings(**TINY), classes=3)
-    frozen = train_mod._optimizer_factory(model, train_mod._Phase("f", 1, True, 0.0, False), 0.0)(1e-2)
+    frozen = loop_mod.optimizer_factory(model, loop_mod.Phase("f", 1, True, 0.0, False), 0.0)(1e-2)
     assert len(frozen.param_groups) == 1 and not any(p.requires_grad for p in model.encoder.parameters())
-    tuned = train_mod._optimizer_factory(model, train_mod._Phase("t", 1, False, 0.1, True), 0.0)(1e-2)
+    tuned = loop_mod.optimizer_factory(model, loop_mod.Phase("t", 1, False, 0.1, True), 0.0)(1e-2)
     assert [g["lr"] for g in tuned.param_groups] == pytest.approx([1e-2, 1e-3])
     assert all(p.requires_grad for p in model.parameters())
 
@@ -268,9 +274,11 @@ def test_gpu_path_uses_autocast_grad_scaler_and_pinned_memory(small_volume, tmp_
         kwargs["pin_memory"] = False
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "select_device", lambda setting: torch.device("cuda"))
-    monkeypatch.setattr(train_mod, "_to_device", lambda t, device: t)
-    monkeypatch.setattr(train_mod, "autocast", fake_autocast)
+    monkeypatch.setattr(run_mod, "select_device", lambda setting: torch.device("cuda"))
+    for module in (run_mod, loop_mod, step_mod):
+        monkeypatch.setattr(module, "to_device", lambda t, device: t, raising=False)
+    for module in (loop_mod, step_mod):
+        monkeypatch.setattr(module, "autocast", fake_autocast)
     monkeypatch.setattr(torch.amp, "GradScaler", FakeScaler)
     monkeypatch.setattr(torch.utils.data, "DataLoader", loader)
     result = train([(image, labels)], tmp_path / "m.pt", tiny_settings(epochs=1, device="auto"))
@@ -298,7 +306,7 @@ def test_cli_train_and_models(odd_labels, tmp_path):
     assert result.exit_code == 0, result.output
     assert "m.pt" in result.output and "Dice" in result.output
     _, meta = load_model(tmp_path / "m.pt")
-    assert meta["settings"]["train"]["epochs"] == 1 and meta["settings"]["train"]["learning_rate"] == 0.002
+    assert meta.settings["train"]["epochs"] == 1 and meta.settings["train"]["learning_rate"] == 0.002
     again = runner.invoke(cli, ["train", str(image), str(labels), "-o", str(tmp_path / "m.pt"), "-c", str(config)])
     assert again.exit_code == 1 and "already exists" in again.output
     odd = runner.invoke(cli, ["train", str(image), "-o", str(tmp_path / "x.pt")])

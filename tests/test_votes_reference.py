@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from volseg_dask.ngff import _mean_uint8, mode_2x2x2
-from volseg_dask.votes import merge_block
+from volseg_dask.prediction.votes import merge_block
+from volseg_dask.resample import mean_2x2x2, mode_2x2x2
 
 
 def reference_merge(*probs, method, label_values, outputs=()):
@@ -68,9 +68,9 @@ def test_mode_2x2x2_matches_reference(dtype):
     cubes = np.transpose(x, (0, 2, 4, 1, 3, 5)).reshape(10, 40, 12, 8)
     counts = (cubes[..., :, None] == cubes[..., None, :]).sum(axis=-1)
     want = np.take_along_axis(cubes, counts.argmax(axis=-1)[..., None], axis=-1)[..., 0]
-    np.testing.assert_array_equal(mode_2x2x2(x, axis=(1, 3, 5)), want)
+    np.testing.assert_array_equal(mode_2x2x2(x), want)
 
 
 def test_mean_2x2x2_matches_numpy():
     x = np.random.default_rng(2).integers(0, 256, (6, 2, 7, 2, 9, 2), dtype=np.uint8)
-    np.testing.assert_array_equal(_mean_uint8(x, axis=(1, 3, 5)), np.rint(x.mean(axis=(1, 3, 5))).astype(np.uint8))
+    np.testing.assert_array_equal(mean_2x2x2(x), np.rint(x.mean(axis=(1, 3, 5))).astype(np.uint8))

@@ -13,26 +13,25 @@ Heavy modules (torch) are imported on first use, so ``import volseg_dask`` stays
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__version__ = "0.1.0"
+from ._lazy import lazy_attributes
+from ._version import __version__
 
 # public name -> module that defines it (imported lazily)
 _API = {
-    "open_volume": "io",
-    "convert": "io",
-    "export": "io",
-    "volume_info": "io",
+    "open_volume": "io.volume",
+    "volume_info": "io.volume",
+    "convert": "io.conversion",
+    "export": "io.conversion",
     "Settings": "config",
     "load_settings": "config",
     "make_volume": "synthetic",
     "write_demo_data": "synthetic",
-    "train": "training",
+    "train": "training.run",
     "load_model": "models",
-    "predict": "prediction",
-    "predict_array": "prediction",
-    "merge": "votes",
+    "ModelMeta": "models",
+    "predict": "prediction.run",
+    "predict_array": "prediction.overlap",
+    "merge": "prediction.merging",
     "evaluate": "metrics",
     "VolsegError": "errors",
 }
@@ -40,14 +39,4 @@ _API = {
 __all__ = ["__version__", *sorted(_API)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'volseg_dask' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+__getattr__, __dir__ = lazy_attributes(__name__, _API, globals())

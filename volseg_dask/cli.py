@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import VolsegError
 
 log = logging.getLogger("volseg_dask.cli")
@@ -39,25 +39,61 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _more_verbose(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """``-v``/``-q``/``--debug`` given after the subcommand (``volseg predict ... -v``): update the state."""
+    state = ctx.find_object(_State)
+    if state is None or not value:
+        return
+    if param.name == "verbose":
+        state.verbose += int(value)
+    elif param.name == "quiet":
+        state.quiet = True
+    else:
+        state.debug = True
+    _setup_logging(state.verbose, state.quiet)
+
+
+class _Command(click.Command):
+    """A subcommand that also takes the group's ``-v``, ``-q`` and ``--debug``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += [
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_more_verbose,
+                         help="More log output (-v info, -vv debug)."),
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_more_verbose,
+                         help="Errors only; no progress bars."),
+            click.Option(["--debug"], is_flag=True, expose_value=False, callback=_more_verbose,
+                         help="Show full tracebacks."),
+        ]
+
+
 class _Group(click.Group):
     """Turns our errors into one clear line and a non-zero exit code."""
 
+    command_class = _Command
+    group_class = type  # subgroups are _Group too
+
     def invoke(self, ctx: click.Context) -> Any:
+        def debug() -> bool:  # read when an error arrives: a subcommand's --debug is parsed after this starts
+            state = ctx.find_object(_State)
+            return bool(ctx.params.get("debug")) or bool(state is not None and state.debug)
+
         try:
             return super().invoke(ctx)
         except VolsegError as exc:
-            if ctx.params.get("debug"):
+            if debug():
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
         except click.UsageError as exc:  # one line, like our own errors, instead of click's usage block
-            if ctx.params.get("debug"):
+            if debug():
                 raise
             command = exc.ctx.command_path if exc.ctx else ctx.command_path
             click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
             ctx.exit(2)
         except KeyboardInterrupt as exc:
-            if ctx.params.get("debug"):
+            if debug():
                 raise
             what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             click.echo(f"{what}; rerun the command to finish (predict resumes where it stopped)", err=True)
@@ -135,7 +171,7 @@ def convert(state: _State, src: str, dst: Path, chunks: str, codec: str, clevel:
             overwrite: bool, workers: int | None, address: str | None) -> None:
     """Convert a volume (TIFF, TIFF folder, HDF5 file.h5:/key, NPY, MRC, Zarr), or a box of it, to Zarr v3."""
     from .cluster import dask_scheduler
-    from .io import convert as api
+    from .io.conversion import convert as api
 
     with dask_scheduler(workers, address, echo=click.echo):
         out = api(src, dst, chunks=_chunks(chunks) or (128,) * 3, codec=codec, clevel=clevel, overwrite=overwrite,
@@ -151,7 +187,7 @@ def convert(state: _State, src: str, dst: Path, chunks: str, codec: str, clevel:
 @click.pass_obj
 def export(state: _State, src: str, dst: str, compression: str | None, overwrite: bool) -> None:
     """Export a volume to .tif, .h5[:key], .npy, or a folder of TIFF slices (DST without suffix)."""
-    from .io import export as api
+    from .io.conversion import export as api
 
     out = api(src, dst, overwrite=overwrite, compression=compression, progress=state.progress)
     click.echo(f"wrote {out}")
@@ -162,7 +198,7 @@ def export(state: _State, src: str, dst: str, compression: str | None, overwrite
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path: str, as_json: bool) -> None:
     """Shape, dtype, chunks, codec, size on disk and value range (on a sample) of a volume."""
-    from .io import volume_info
+    from .io.volume import volume_info
 
     details = volume_info(path)
     if as_json:
@@ -229,7 +265,7 @@ def config_write_defaults(file: Path, overwrite: bool, preset: str) -> None:
     """Write every setting with its default and a comment to FILE (YAML)."""
     from .config import Settings
     from .demo import cpu_settings
-    from .store import check_output_path
+    from .outputs import check_output_path
 
     check_output_path(file, overwrite)
     (cpu_settings() if preset == "cpu" else Settings()).save(file)
@@ -295,7 +331,7 @@ def train_command(state: _State, volumes: tuple[str, ...], output: Path, config_
     best model so far.
     """
     from .config import load_settings
-    from .training import train as api
+    from .training.run import train as api
 
     pairs = _pairs(volumes, "volseg train")
     settings = load_settings(config_file, {"train.epochs": epochs, "train.learning_rate": lr,
@@ -367,7 +403,7 @@ def predict(state: _State, volume: str, model: Path, output: Path, config_file: 
     """Segment VOLUME with MODEL, out-of-core; rerunning an interrupted command resumes it."""
     from .cluster import dask_scheduler
     from .config import load_settings
-    from .prediction import predict as api
+    from .prediction.run import predict as api
 
     settings = load_settings(config_file, {
         "predict.axes": axes, "predict.merge": merge_method, "predict.chunks": _chunks(chunks),
@@ -397,14 +433,14 @@ def merge(state: _State, output: Path, method: str | None, confidence: bool | No
           disagreement: bool | None, keep_probabilities: bool, workers: int | None, address: str | None) -> None:
     """(Re)merge the per-axis probabilities of a prediction OUTPUT into labels."""
     from .cluster import dask_scheduler
-    from .votes import merge as api
+    from .prediction.merging import merge as api
 
     flags = {"confidence": confidence, "entropy": entropy, "disagreement": disagreement}
     outputs = None
     if any(v is not None for v in flags.values()):
         import zarr
 
-        from .store import status
+        from .outputs import status
 
         recorded = set((status(zarr.open_group(str(output), mode="r")) or {}).get("outputs", []))
         outputs = [n for n in ("confidence", "entropy", "disagreement")

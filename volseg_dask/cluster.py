@@ -1,23 +1,59 @@
 """Which dask scheduler runs the graphs: local threads, a ``LocalCluster``, or an existing scheduler.
 
-Only the command line uses this module; the API runs on whatever scheduler is active and never
-creates a cluster. On GPU nodes start one worker per GPU with one thread and ``--resources GPU=1``
-(``dask worker ADDRESS --nworkers 1 --nthreads 1 --resources GPU=1`` with ``CUDA_VISIBLE_DEVICES`` set,
-or ``dask-cuda-worker``); prediction then asks for ``GPU=1`` per task.
+:func:`compute` runs a graph on whatever scheduler is active, with the progress display that fits
+it: with a ``distributed.Client`` active (``with Client(...)`` or the CLI's ``--workers`` /
+``--scheduler``) graphs run there and ``distributed.progress`` shows the bar; otherwise the local
+scheduler runs them under dask's ``ProgressBar``. The library never creates a cluster; only the
+command line does, through :func:`dask_scheduler`. On GPU nodes start one worker per GPU and
+``--resources GPU=1`` (``dask worker ADDRESS --nworkers 1 --resources GPU=1`` with
+``CUDA_VISIBLE_DEVICES`` set, or ``dask-cuda-worker``); prediction then asks for ``GPU=1`` per task.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import dask
 
 from .errors import ConfigError, VolsegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dask_scheduler"]
+__all__ = ["active_client", "compute", "dask_scheduler"]
+
+
+def active_client() -> Any | None:
+    """The ``distributed.Client`` that dask would use now, or None for a local scheduler."""
+    if "distributed" not in sys.modules:  # no client can exist without distributed imported
+        return None
+    from distributed import Client
+
+    scheduler = dask.base.get_scheduler()
+    owner = getattr(scheduler, "__self__", None)
+    return owner if isinstance(owner, Client) else None
+
+
+def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
+    """``dask.compute`` on the active scheduler, with a progress bar when ``progress`` is true."""
+    client = active_client()
+    if client is not None:
+        futures = client.compute(list(collections), **kwargs)
+        if progress:
+            from distributed import progress as dist_progress
+
+            dist_progress(futures)
+            print(file=sys.stderr)
+        return tuple(client.gather(futures))
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr, dt=0.5, minimum=1.0):
+            return dask.compute(*collections, **kwargs)
+    return dask.compute(*collections, **kwargs)
 
 
 @contextlib.contextmanager

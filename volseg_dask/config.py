@@ -8,14 +8,18 @@ A settings file has up to five sections, each optional; whatever is missing keep
     train:    {epochs: 30}
     predict:  {axes: zyx, merge: max}
 
-Unknown keys, wrong types and out-of-range values raise :class:`~volseg_dask.errors.ConfigError`
-with a message that names the key, what was found and what is allowed.
+Every section is checked when it is constructed, from YAML or in Python alike
+(``PredictSettings(halo=-5)`` raises): unknown keys, wrong types and out-of-range values raise
+:class:`~volseg_dask.errors.ConfigError` with a message that names the key, what was found and what
+is allowed. Architecture names are checked against the installed segmentation-models-pytorch's own
+registry, so architectures a newer smp adds are accepted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
 import re
 import types
@@ -23,14 +27,13 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
 from .errors import ConfigError
 
 __all__ = [
-    "ARCHITECTURES",
     "AugmentSettings",
     "DataSettings",
     "ModelSettings",
@@ -39,25 +42,18 @@ __all__ = [
     "TrainSettings",
     "load_settings",
     "settings_reference_markdown",
+    "smp_architectures",
 ]
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?|mps"
 
-# smp's architectures by their class names; models.py checks them against the installed smp.
-ARCHITECTURES = (
-    "Unet",
-    "UnetPlusPlus",
-    "MAnet",
-    "Linknet",
-    "FPN",
-    "PSPNet",
-    "DeepLabV3",
-    "DeepLabV3Plus",
-    "PAN",
-    "UPerNet",
-    "Segformer",
-    "DPT",
-)
+
+@functools.lru_cache(maxsize=1)
+def smp_architectures() -> tuple[str, ...]:
+    """Class names of the architectures the installed segmentation-models-pytorch offers (its registry)."""
+    import segmentation_models_pytorch as smp
+
+    return tuple(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
 
 
 def _opt(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, **rules: Any) -> Any:
@@ -68,13 +64,33 @@ def _opt(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None, 
     return field(default=default, metadata=meta)
 
 
+class _Section:
+    """Base of the settings sections: every field is checked (and coerced) when a section is constructed."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self).__name__)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _check_value(getattr(self, f.name), hints[f.name], f.metadata, f"{self.section}.{f.name}")
+            object.__setattr__(self, f.name, value)
+
+
+@functools.cache
+def _hints(section_class: str) -> dict[str, Any]:
+    return typing.get_type_hints(globals()[section_class])
+
+
 @dataclass
-class ModelSettings:
+class ModelSettings(_Section):
     """Which smp network is built and how it is initialised."""
 
+    section: ClassVar[str] = "model"
     architecture: str = _opt(
-        "Unet", help="smp architecture: " + ", ".join(ARCHITECTURES) + " (case-insensitive).",
-        choices=ARCHITECTURES,
+        "Unet", help="smp architecture by class name (case-insensitive): any the installed "
+        "segmentation-models-pytorch offers, e.g. Unet, UnetPlusPlus, FPN, DeepLabV3Plus, Segformer; "
+        "`volseg models` lists them.",
+        choices=smp_architectures,
     )
     encoder: str = _opt(
         "resnet34",
@@ -97,9 +113,10 @@ class ModelSettings:
 
 
 @dataclass
-class DataSettings:
+class DataSettings(_Section):
     """How training slices are drawn and how intensities are normalised."""
 
+    section: ClassVar[str] = "data"
     image_size: int = _opt(
         256, help="Side of the square training crops, in voxels of the volume the network sees (native, or "
         "downsampled by data.downsample), never by resizing slices (multiple of 32).",
@@ -152,9 +169,10 @@ class DataSettings:
 
 
 @dataclass
-class AugmentSettings:
+class AugmentSettings(_Section):
     """Albumentations pipeline applied to image and mask together (probabilities per transform)."""
 
+    section: ClassVar[str] = "augment"
     enabled: bool = _opt(True, help="Switch augmentation off entirely.")
     flip: float = _opt(0.5, help="Probability of a horizontal and (independently) a vertical flip.", min=0, max=1)
     rotate90: float = _opt(0.5, help="Probability of a random multiple-of-90° rotation.", min=0, max=1)
@@ -169,9 +187,10 @@ class AugmentSettings:
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(_Section):
     """The fit loop."""
 
+    section: ClassVar[str] = "train"
     epochs: int = _opt(30, help="Maximum number of epochs (early stopping may end sooner).", min=1)
     samples_per_epoch: int | None = _opt(
         None, help="Slices drawn per epoch; null = as many as the training volumes have slice positions.",
@@ -216,9 +235,10 @@ class TrainSettings:
 
 
 @dataclass
-class PredictSettings:
+class PredictSettings(_Section):
     """Out-of-core prediction and the vote across axes."""
 
+    section: ClassVar[str] = "predict"
     axes: str = _opt(
         "zyx", help="Axes to predict along: any of 'z', 'y', 'x' (e.g. 'zyx', 'z'), or 'all12' "
         "(3 axes × 4 rotations of 90°).",
@@ -268,6 +288,16 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            cls, value = _SECTION_TYPES[f.name], getattr(self, f.name)
+            if isinstance(value, Mapping):  # Settings(train={"epochs": 5})
+                value = _build_section(cls, value, f.name)
+            elif not isinstance(value, cls):
+                raise ConfigError(f"{f.name}: expected {cls.__name__} or a mapping of its keys, found "
+                                  f"{type(value).__name__}")
+            setattr(self, f.name, value)
+
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None, *, source: str = "settings") -> Settings:
@@ -279,8 +309,11 @@ class Settings:
         kwargs: dict[str, Any] = {}
         for name, value in raw.items():
             if name not in sections:
-                raise ConfigError(_unknown_key_message(source, str(name), list(sections), ""))
-            kwargs[name] = _build_section(_section_type(name), value, f"{source}: {name}")
+                raise ConfigError(f"{source}: {_unknown_key_message(str(name), list(sections), '')}")
+            try:
+                kwargs[name] = _build_section(_SECTION_TYPES[name], value, name)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,10 +362,6 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-def _section_type(name: str) -> type:
-    return _SECTION_TYPES[name]
-
-
 def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Load settings from a YAML file (or the defaults when ``path`` is None) and apply overrides.
 
@@ -373,26 +402,23 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, Any] |
 # ---- validation ----------------------------------------------------------------------------------
 
 
-def _unknown_key_message(source: str, key: str, valid: list[str], where: str) -> str:
+def _unknown_key_message(key: str, valid: list[str], where: str) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{source}: unknown key {where}{key!r}{hint} Valid keys: {', '.join(valid)}"
+    return f"unknown key {where}{key!r}{hint} Valid keys: {', '.join(valid)}"
 
 
-def _build_section(cls: type, raw: Any, where: str) -> Any:
+def _build_section(cls: type, raw: Any, name: str) -> Any:
+    """Section ``name`` from a mapping of its keys (unknown keys refused; values checked by the section)."""
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of keys, found {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
+        raise ConfigError(f"{name}: expected a mapping of keys, found {type(raw).__name__} {raw!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
         if key not in fields:
-            source, _, section = where.rpartition(": ")
-            raise ConfigError(_unknown_key_message(source, str(key), list(fields), f"{section}."))
-        kwargs[key] = _check_value(value, hints[key], fields[key].metadata, f"{where}.{key}")
-    return cls(**kwargs)
+            raise ConfigError(_unknown_key_message(str(key), fields, f"{name}."))
+    return cls(**raw)
 
 
 def _type_name(tp: Any) -> str:
@@ -449,6 +475,8 @@ def _check_value(value: Any, tp: Any, meta: Mapping[str, Any], key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, found {value!r}")
         choices = meta.get("choices")
+        if callable(choices):
+            choices = choices()
         if choices:
             match = [c for c in choices if c.lower() == value.lower()]
             if not match:

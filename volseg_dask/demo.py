@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import Settings, load_settings
-from .io import open_volume
+from .io.volume import open_volume
 from .synthetic import CLASS_NAMES, write_demo_data
 
 log = logging.getLogger(__name__)

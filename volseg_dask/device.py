@@ -1,8 +1,8 @@
 """Device choice and mixed precision, shared by training and inference.
 
 ``auto`` takes CUDA when present, then Apple's MPS, then the CPU. Autocast is used on CUDA only:
-float16 there; on the CPU bfloat16 autocast was 4-47x slower on the machines we measured, so CPU runs
-stay in float32.
+float16 there; on the CPU bfloat16 autocast was many times slower than float32 on the machines we
+measured (``benchmarks/README.md``), so CPU runs stay in float32.
 """
 
 from __future__ import annotations

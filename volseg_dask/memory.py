@@ -2,12 +2,11 @@
 
 glibc keeps memory freed by a task in its per-thread arenas; with buffers of tens of MB allocated
 and freed per block (raw block, probabilities, decoded chunks), fragmentation lets the resident set
-creep up with the number of blocks done, i.e. with the volume: measured here, the peak of a
-3-axis prediction rose from 1.13 GB at 256³ to 1.58 GB at 1024³ (blocks 256³, 2 threads).
-``malloc_trim`` at the end of each block task hands the free pages back (1.04 GB to 1.36 GB, and
-flat from 512³ to 1024³: 1.33 vs 1.36 GB) at no measurable cost in time (it touches only free
-memory). Fixing the mmap threshold instead (``MALLOC_MMAP_THRESHOLD_``) kept memory as flat but
-doubled the prediction time (every large torch temporary mmapped and zero-filled anew).
+creep up with the number of blocks done, i.e. with the volume. ``malloc_trim`` at the end of each
+block task hands the free pages back at no measurable cost in time (it touches only free memory);
+fixing the mmap threshold instead (``MALLOC_MMAP_THRESHOLD_``) kept memory as flat but made every
+large torch temporary an mmap zero-filled anew. The figures are in ``benchmarks/README.md``
+("Decisions backed by measurements", ``bench_predict.py``).
 """
 
 from __future__ import annotations

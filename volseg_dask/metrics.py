@@ -16,14 +16,14 @@ import dask
 import dask.array as da
 import numpy as np
 
+from .cluster import compute
 from .errors import VolsegError, VolumeFormatError
-from .io import open_volume
-from .progress import compute
-from .store import unchanged_while_reading
+from .io.volume import open_volume
+from .outputs import unchanged_while_reading
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "confusion_matrix", "evaluate", "scores"]
+__all__ = ["Evaluation", "confusion_matrix", "dice_per_class", "evaluate", "scores"]
 
 
 def _pair_counts(truth: np.ndarray, pred: np.ndarray) -> dict[tuple[int, int], int]:
@@ -94,21 +94,31 @@ class Evaluation:
         return "\n".join(lines)
 
 
+def dice_per_class(confusion: np.ndarray, empty: float | None = None) -> list[float | None]:
+    """Dice of each class from a confusion matrix (rows truth, columns prediction).
+
+    ``empty`` is the score of a class neither in the truth nor in the prediction (undefined: None
+    during training, 1.0 in :func:`scores`, where nothing to find was found).
+    """
+    cm = np.asarray(confusion)
+    tp = np.diag(cm).astype(float)
+    denom = cm.sum(0) + cm.sum(1)
+    return [float(2 * t / d) if d else empty for t, d in zip(tp, denom)]
+
+
 def scores(values: list[int], cm: np.ndarray, ignore_label: int | None = None) -> Evaluation:
     """Dice, IoU and accuracy from a confusion matrix; voxels whose truth is ``ignore_label`` are left out."""
     keep = np.array([v != ignore_label for v in values])
     cm = cm.copy()
     cm[~keep, :] = 0  # truth unlabelled: not scored, whatever was predicted there
+    per_class = dice_per_class(cm, empty=1.0)
     dice, iou = {}, {}
     for i, v in enumerate(values):
         if v == ignore_label:
             continue
-        tp = cm[i, i]
-        fn = cm[i].sum() - tp
-        fp = cm[:, i].sum() - tp
-        denom = 2 * tp + fn + fp
-        dice[v] = float(2 * tp / denom) if denom else 1.0
-        iou[v] = float(tp / (tp + fn + fp)) if denom else 1.0
+        tp, union = cm[i, i], cm[i].sum() + cm[:, i].sum() - cm[i, i]
+        dice[v] = float(per_class[i])  # type: ignore[arg-type]
+        iou[v] = float(tp / union) if union else 1.0
     total = cm.sum()
     accuracy = float(np.trace(cm) / total) if total else float("nan")
     return Evaluation(values, cm, dice, iou, accuracy, ignore_label)

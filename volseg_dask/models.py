@@ -1,39 +1,50 @@
-"""smp model factory, local pretrained encoder weights, and the one-file model format.
+"""smp model factory, local pretrained encoder weights, and the one-file model format (:class:`ModelMeta`).
 
 A model file is a ``torch.save`` of a plain dict::
 
-    {"format": "volseg_dask.model", "format_version": 1,
+    {"format": "volseg_dask.model", "format_version": 2,
      "state_dict": {...tensors...}, "meta": {...plain Python values...}}
 
-``meta`` says everything prediction needs: architecture, encoder and constructor arguments, the
-number of classes and the original label values, the intensity normalisation, the settings used
-and package versions, and a summary of training. Files are read with
+``meta`` is :meth:`ModelMeta.to_dict`: everything prediction needs (architecture, encoder and
+constructor arguments, the original label values, the intensity normalisation, the 2.5D slices, the
+downsampling factor), the settings used, package versions and a summary of training.
+:class:`ModelMeta` is the one owner of that schema: training writes it, prediction reads it, and every
+check of a file's metadata is in :meth:`ModelMeta.from_dict`. Files are read with
 ``torch.load(weights_only=True)``, so a model file can never run code.
+
+Format versions: 1, the first files (``downsample``, ``pad_multiple`` and ``n_slices`` may be
+absent; they default to 1, 32 and ``in_channels``); 2, written by :class:`ModelMeta` (every field
+present). A field added later gets a default, so older files keep loading; a file of a newer
+format is refused with a message to upgrade.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import logging
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import ModelSettings
 from .errors import ConfigError, ModelFileError
+from .normalize import Normalization
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "ModelMeta",
     "architectures",
     "build_model",
     "encoder_names",
@@ -44,7 +55,8 @@ __all__ = [
 ]
 
 FORMAT = "volseg_dask.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Model-file format written by this version (files of formats 1 .. FORMAT_VERSION load)."""
 
 
 def architectures() -> dict[str, type[nn.Module]]:
@@ -98,14 +110,10 @@ def build_model(settings: ModelSettings, *, classes: int, in_channels: int | Non
     Raises
     ------
     ConfigError
-        Unknown architecture or encoder (the message lists the valid names), or a combination smp
-        refuses.
+        Unknown encoder (the message lists close names), or a combination smp refuses.
     """
+    match = settings.architecture  # checked against smp's registry by ModelSettings
     archs = architectures()
-    match = {name.lower(): name for name in archs}.get(settings.architecture.lower())
-    if match is None:
-        raise ConfigError(f"model.architecture: {settings.architecture!r} is not offered by the installed "
-                          f"segmentation-models-pytorch; choose one of {', '.join(sorted(archs))}")
     _check_encoder(settings.encoder)
     kwargs: dict[str, Any] = {
         "encoder_name": settings.encoder,
@@ -150,14 +158,16 @@ def _strip(key: str) -> str:
 
 
 def _fit_channels(src: torch.Tensor, dst_shape: torch.Size) -> torch.Tensor | None:
-    """Adapt a first-conv kernel (out, 3, k, k) to ``dst_shape``'s input channels, as smp does."""
+    """Adapt a first-conv kernel (out, 3, k, k) to ``dst_shape``'s input channels with smp's own
+    ``patch_first_conv`` (summed over RGB for one channel, cycled and rescaled for more)."""
     if src.ndim != 4 or src.shape[0] != dst_shape[0] or src.shape[2:] != dst_shape[2:]:
         return None
-    n_in = dst_shape[1]
-    if n_in == 1:
-        return src.sum(dim=1, keepdim=True)
-    reps = -(-n_in // src.shape[1])
-    return src.repeat(1, reps, 1, 1)[:, :n_in] * (src.shape[1] / n_in)
+    from segmentation_models_pytorch.encoders._utils import patch_first_conv
+
+    conv = nn.Conv2d(src.shape[1], src.shape[0], (src.shape[2], src.shape[3]), bias=False)
+    conv.weight = nn.Parameter(src.detach().clone(), requires_grad=False)
+    patch_first_conv(conv, new_in_channels=dst_shape[1], default_in_channels=src.shape[1], pretrained=True)
+    return conv.weight.detach()
 
 
 def load_encoder_weights(model: nn.Module, path: str | os.PathLike[str]) -> int:
@@ -241,27 +251,152 @@ def _match_by_position(target: Mapping[str, torch.Tensor], source: Sequence[torc
 # ---- model files --------------------------------------------------------------------------------
 
 
-def save_model(path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str, Any]) -> Path:
+@dataclass
+class ModelMeta:
+    """What a model file says besides its weights; the one owner of the model-file schema.
+
+    Parameters
+    ----------
+    model
+        The network: architecture, encoder, depth, decoder channels, 2.5D slices.
+    label_values
+        Original label value of each class (``label_values[c]`` is class ``c``).
+    normalization
+        Intensity window and standardisation of the training images.
+    in_channels
+        Network input channels (= ``model.n_slices``; multi-channel volumes are not supported).
+    ignore_label
+        Label value that training left out of the loss, if any.
+    downsample
+        The network sees the volume averaged over this many voxels per side (``data.downsample``).
+    pad_multiple
+        Each input side is padded to a multiple of this (the encoder's output stride).
+    settings
+        Every setting of the run that trained it (plain values).
+    training
+        Summary and per-epoch history of training.
+    train_data, validation_data
+        The volumes it was trained and validated on (paths, shapes, split).
+    versions
+        Package versions that wrote the file (filled in by :func:`save_model`).
+    """
+
+    model: ModelSettings
+    label_values: tuple[int, ...]
+    normalization: Normalization
+    in_channels: int = 1
+    ignore_label: int | None = None
+    downsample: int = 1
+    pad_multiple: int = 32
+    settings: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    train_data: list[dict[str, Any]] = field(default_factory=list)
+    validation_data: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.label_values = tuple(int(v) for v in self.label_values)
+
+    @property
+    def classes(self) -> int:
+        """Number of classes the network predicts."""
+        return len(self.label_values)
+
+    @property
+    def n_slices(self) -> int:
+        """Adjacent slices the network sees as channels (2.5D)."""
+        return int(self.model.n_slices)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``meta`` record of a model file: plain values only (loadable with ``weights_only=True``)."""
+        import json
+
+        record = {
+            "model": dataclasses.asdict(self.model),
+            "classes": self.classes,
+            "label_values": list(self.label_values),
+            "ignore_label": self.ignore_label,
+            "in_channels": self.in_channels,
+            "n_slices": self.n_slices,
+            "downsample": self.downsample,
+            "normalization": self.normalization.to_dict(),
+            "pad_multiple": self.pad_multiple,
+            "settings": self.settings,
+            "training": self.training,
+            "train_data": self.train_data,
+            "validation_data": self.validation_data,
+            "versions": self.versions,
+        }
+        return dict(json.loads(json.dumps(record, default=str)))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, path: str | os.PathLike[str] = "model",
+                  format_version: int = FORMAT_VERSION) -> ModelMeta:
+        """Read and check the ``meta`` record of a model file of ``format_version``.
+
+        Raises
+        ------
+        ModelFileError
+            A required field is missing or does not make sense (the file is damaged), or the
+            network takes channels other than its 2.5D slices.
+        """
+        required = ["model", "classes", "label_values", "normalization", "in_channels"]
+        if format_version >= 2:
+            required += ["n_slices", "downsample", "pad_multiple"]
+        for key in required:
+            if key not in raw:
+                raise ModelFileError(f"{path}: model metadata lacks {key!r}; the file is damaged")
+        try:
+            from .config import Settings
+
+            model = Settings.from_dict({"model": raw["model"]}, source=f"{path} metadata").model
+            values = tuple(int(v) for v in raw["label_values"])
+            normalization = Normalization.from_dict(dict(raw["normalization"]))
+            in_channels = int(raw["in_channels"])
+        except ConfigError as exc:
+            raise ModelFileError(f"{exc}; the file is damaged or written by an incompatible version") from None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ModelFileError(f"{path}: model metadata is damaged ({type(exc).__name__}: {exc})") from None
+        n_slices = int(raw.get("n_slices", in_channels))
+        if in_channels != n_slices or model.n_slices != n_slices:
+            raise ModelFileError(f"{path}: the network takes {in_channels} channels but the model says {n_slices} "
+                                 "slices; multi-channel volumes are not supported")
+        if int(raw["classes"]) != len(values) or len(values) < 2:
+            raise ModelFileError(f"{path}: {raw['classes']} classes but label values {list(values)}; the model "
+                                 "file is damaged")
+        factor = raw.get("downsample", 1)
+        if not isinstance(factor, int) or isinstance(factor, bool) or not 1 <= factor <= 4:
+            raise ModelFileError(f"{path}: downsample factor {factor!r} in its metadata is not 1-4; the file is "
+                                 "damaged")
+        multiple = raw.get("pad_multiple", 32)
+        if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+            raise ModelFileError(f"{path}: pad_multiple {multiple!r} in its metadata is not a positive integer; "
+                                 "the file is damaged")
+        return cls(model=model, label_values=values, normalization=normalization, in_channels=in_channels,
+                   ignore_label=raw.get("ignore_label"), downsample=factor, pad_multiple=multiple,
+                   settings=dict(raw.get("settings") or {}), training=dict(raw.get("training") or {}),
+                   train_data=list(raw.get("train_data") or []),
+                   validation_data=list(raw.get("validation_data") or []),
+                   versions=dict(raw.get("versions") or {}))
+
+
+def save_model(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
     """Write ``model``'s weights and ``meta`` to one file, atomically (temporary name, then rename)."""
-    import json
     import platform
 
     import segmentation_models_pytorch as smp
 
+    from .outputs import partial_name, remove_stale_partials
+
     path = Path(path)
-    plain_meta = json.loads(json.dumps(meta, default=str))  # only plain values: loadable with weights_only
+    meta = dataclasses.replace(meta, versions={"volseg_dask": __version__, "torch": str(torch.__version__),
+                                               "smp": smp.__version__, "python": platform.python_version()})
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": {
-            **plain_meta,
-            "versions": {"volseg_dask": __version__, "torch": str(torch.__version__), "smp": smp.__version__,
-                         "python": platform.python_version()},
-        },
+        "meta": meta.to_dict(),
     }
-    from .store import partial_name, remove_stale_partials
-
     remove_stale_partials(path)
     tmp = partial_name(path)
     try:
@@ -273,8 +408,14 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str
     return path
 
 
-def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and check a model file: (state_dict, meta). Nothing in it is executed."""
+def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ModelMeta]:
+    """Read and check a model file: (state_dict, metadata). Nothing in it is executed.
+
+    Raises
+    ------
+    ModelFileError
+        Missing, truncated, foreign (or code-carrying) file, a newer format version, or damaged metadata.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found; train one with `volseg train`")
@@ -297,20 +438,13 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     state, meta = raw.get("state_dict"), raw.get("meta")
     if not isinstance(state, Mapping) or not isinstance(meta, Mapping):
         raise ModelFileError(f"{path}: model file lacks its weights or metadata; it is damaged")
-    for key in ("model", "classes", "label_values", "normalization", "in_channels"):
-        if key not in meta:
-            raise ModelFileError(f"{path}: model metadata lacks {key!r}; the file is damaged")
-    return dict(state), dict(meta)
+    return dict(state), ModelMeta.from_dict(meta, path=path, format_version=version)
 
 
-def model_from_meta(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+def model_from_meta(state: Mapping[str, torch.Tensor], meta: ModelMeta,
                     path: str | os.PathLike[str] = "model") -> nn.Module:
     """Rebuild the network described by ``meta`` and load ``state`` into it (eval mode)."""
-    from .config import Settings
-
-    settings = Settings.from_dict({"model": meta["model"]}, source=f"{path} metadata").model
-    model = build_model(settings, classes=int(meta["classes"]), in_channels=int(meta["in_channels"]),
-                        load_weights=False)
+    model = build_model(meta.model, classes=meta.classes, in_channels=meta.in_channels, load_weights=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -319,8 +453,8 @@ def model_from_meta(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
     return model.eval()
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model file: (network in eval mode on ``device``, metadata dict).
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Load a model file: (network in eval mode on ``device``, its :class:`ModelMeta`).
 
     Raises
     ------

@@ -16,9 +16,9 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from .cluster import compute
 from .config import DataSettings
 from .errors import VolumeValueError
-from .progress import compute
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from . import store
-from .progress import compute
+from . import outputs
+from .cluster import compute
 
 log = logging.getLogger(__name__)
 
@@ -223,17 +223,17 @@ def write_demo_data(
     scene = Scene.build(shape3, seed, params)
     image_path, labels_path = out / f"{prefix}image.zarr", out / f"{prefix}labels.zarr"
     block = tuple(min(chunks, s) for s in shape3)
-    attrs = store.provenance(kind="synthetic", seed=seed, scene=str(scene.params), classes=list(CLASS_NAMES))
-    with store.atomic_output(image_path, overwrite=overwrite) as img_tmp, \
-            store.atomic_output(labels_path, overwrite=overwrite) as lab_tmp:
-        image = store.create_array(img_tmp, shape=shape3, dtype=np.uint16, chunks=block,
+    attrs = outputs.provenance(kind="synthetic", seed=seed, scene=str(scene.params), classes=list(CLASS_NAMES))
+    with outputs.atomic_output(image_path, overwrite=overwrite) as img_tmp, \
+            outputs.atomic_output(labels_path, overwrite=overwrite) as lab_tmp:
+        image = outputs.create_array(img_tmp, shape=shape3, dtype=np.uint16, chunks=block,
                                    dimension_names=("z", "y", "x"), attrs=attrs)
-        labels = store.create_array(lab_tmp, shape=shape3, dtype=np.uint8, chunks=block,
+        labels = outputs.create_array(lab_tmp, shape=shape3, dtype=np.uint8, chunks=block,
                                     dimension_names=("z", "y", "x"), attrs={**attrs, "kind": "labels"})
         grid = da.zeros(shape3, dtype=np.uint8, chunks=block)
         done = grid.map_blocks(_write_block, scene, image, labels, dtype=np.uint8, chunks=(1, 1, 1))
         compute(done, progress=progress)
-        store.mark_complete(image)
-        store.mark_complete(labels)
+        outputs.mark_complete(image)
+        outputs.mark_complete(labels)
     log.info("wrote synthetic volume %s (seed %d) to %s and %s", shape3, seed, image_path, labels_path)
     return image_path, labels_path

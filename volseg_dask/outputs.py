@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import __version__
+from ._version import __version__
 from .errors import (
     IncompleteOutputError,
     OutputExistsError,
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 ATTR = "volseg_dask"
 """Name of the Zarr attribute holding provenance and the ``complete`` flag."""
-
 
 
 def now() -> str:
@@ -101,22 +100,12 @@ def create_array(
     return zarr.create_array(store=str(store), name=name, zarr_format=3, **kwargs)
 
 
-def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[int, ...]]:
-    """Indices of the chunks of an array of ``shape`` in ``chunks`` (a partial last chunk counts)."""
-    return list(np.ndindex(*(-(-int(s) // int(c)) for s, c in zip(shape, chunks))))
-
-
-def chunk_region(index: Sequence[int], shape: Sequence[int], chunks: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """``(start, stop)`` per axis of chunk ``index`` of an array of ``shape`` in ``chunks``."""
-    return tuple((i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
-
-
 def open_for_writing(output: str | os.PathLike[str], path: str) -> zarr.Array:
     """The array ``path`` of the group ``output``, opened to write whole chunks.
 
     Chunks are written even when they hold only the fill value: zarr's scan for such chunks costs a
-    pass over every chunk (about a third of writing a 256³ uint8 chunk), and which blocks are done is
-    recorded apart (done-markers, the ``complete`` attribute), never read from which chunk files exist.
+    pass over every chunk, and which blocks are done is recorded apart (done-markers, the ``complete``
+    attribute), never read from which chunk files exist.
     """
     return zarr.open_array(store=os.fspath(output), path=path, mode="r+").with_config({"write_empty_chunks": True})
 

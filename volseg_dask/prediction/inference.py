@@ -16,24 +16,25 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .device import autocast, select_device
-from .models import model_from_meta, read_model_file
-from .normalize import Normalization, apply
+from ..device import autocast, select_device
+from ..grid import AXES
+from ..models import ModelMeta, model_from_meta, read_model_file
+from ..normalize import Normalization, apply
+from .votes import combine
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AXES", "SlabSpec", "get_model", "infer_block", "predict_planes", "set_torch_threads"]
 
-AXES = {"z": 0, "y": 1, "x": 2}
 
-_CACHE: dict[tuple[Any, ...], tuple[torch.nn.Module, dict[str, Any]]] = {}
+_CACHE: dict[tuple[Any, ...], tuple[torch.nn.Module, ModelMeta]] = {}
 _CACHE_LOCK = threading.Lock()
 _THREADS_SET: list[int] = []
 
@@ -65,7 +66,7 @@ def set_torch_threads(n: int | None) -> None:
     log.debug("torch intra-op threads: %d", n)
 
 
-def get_model(path: str | os.PathLike[str], device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+def get_model(path: str | os.PathLike[str], device: torch.device) -> tuple[torch.nn.Module, ModelMeta]:
     """The model of ``path`` on ``device``, loaded once per process and shared by its threads."""
     p = Path(path)
     st = p.stat()
@@ -146,7 +147,6 @@ class SlabSpec:
     combine: str = "max"
     torch_threads: int | None = None
     multiple: int = 32
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _variants(spec: SlabSpec) -> list[tuple[int, bool]]:
@@ -172,8 +172,6 @@ def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tup
         Along ``axis`` it must be at least ``(n_slices - 1) / 2`` on each side: those slices are the
         2.5D context of the outermost planes, never predicted themselves.
     """
-    from .votes import combine
-
     set_torch_threads(spec.torch_threads)
     device = select_device(spec.device)
     model, meta = get_model(spec.model_path, device)
@@ -185,7 +183,7 @@ def infer_block(block: np.ndarray, axis: str, spec: SlabSpec, crop: Sequence[tup
     (lo, hi), (pa, pb), (qa, qb) = crop[ax], *(crop[d] for d in range(3) if d != ax)
     n, h, w = x.shape[0] - lo - hi, x.shape[1], x.shape[2]
     kept = [size - a - b for size, (a, b) in zip(block.shape, crop)]
-    result = np.empty((int(meta["classes"]), *kept), np.uint8)  # (C, z, y, x)
+    result = np.empty((meta.classes, *kept), np.uint8)  # (C, z, y, x)
     out = np.moveaxis(result, ax + 1, 1)  # (C, n, h', w') view: batches land in their final place
     offsets = np.arange(-half, half + 1)[None, :]
     variants = _variants(spec)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import AugmentSettings
+from ..config import AugmentSettings
 
 __all__ = ["Augmenter", "build_augmentation"]
 

@@ -1,0 +1,147 @@
+"""A validated prediction: inputs checked before any graph, the block grid, the slab spec and the run key.
+
+The run key hashes everything that decides the output (input fingerprint, model file hash, blocks,
+halo, axes, normalisation, fused mode): a rerun with the same key resumes an unfinished output, any
+other key is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, PredictSettings, Settings
+from ..errors import VolumeValueError
+from ..grid import BlockGrid
+from ..io.reader import split_key
+from ..io.volume import open_volume
+from ..models import ModelMeta, read_model_file
+from ..normalize import Normalization, compute_normalization
+from ..resample import downsample_array
+from .inference import AXES, SlabSpec
+
+__all__ = ["Plan", "file_digest", "plan_prediction", "predict_settings", "rotations_of", "slab_spec"]
+
+
+@dataclass
+class Plan:
+    """A validated prediction: inputs, the block grid, the slab spec and the run key that guards resumes."""
+
+    volume: str
+    model: str
+    output: Path
+    grid: BlockGrid
+    axes: tuple[str, ...]
+    settings: PredictSettings
+    spec: SlabSpec
+    meta: ModelMeta
+    run_key: str = ""
+    key_fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> int:
+        return self.meta.classes
+
+    @property
+    def label_values(self) -> list[int]:
+        return list(self.meta.label_values)
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """Merged outputs besides the labels (confidence, entropy, disagreement)."""
+        s = self.settings
+        return tuple(name for name, on in (("confidence", s.confidence), ("entropy", s.entropy),
+                                           ("disagreement", s.disagreement)) if on)
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _input_fingerprint(path: str) -> dict[str, Any]:
+    file, key = split_key(path)
+    target = file / (key or "") / "zarr.json" if file.is_dir() and (file / (key or "") / "zarr.json").exists() \
+        else file
+    st = os.stat(target)
+    return {"path": str(Path(path).resolve()) if not key else path, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def predict_settings(settings: Settings | PredictSettings | None) -> PredictSettings:
+    if settings is None:
+        return Settings().predict
+    if isinstance(settings, Settings):
+        return settings.predict
+    return settings
+
+
+def rotations_of(axes_setting: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if axes_setting == "all12":
+        return ("z", "y", "x"), (0, 1, 2, 3)
+    return tuple(axes_setting), (0,)
+
+
+def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str],
+                    output: str | os.PathLike[str], settings: Settings | PredictSettings | None = None) -> Plan:
+    """Check every input before any graph is built, and describe the work.
+
+    Raises
+    ------
+    VolsegError
+        Missing or unreadable volume or model, an incomplete input, a model that does not fit the
+        data, a halo larger than the blocks, NaN in the normalisation sample.
+    """
+    ps = predict_settings(settings)
+    vol = open_volume(volume)
+    if vol.dtype.kind not in "biuf":
+        raise VolumeValueError(f"{volume}: dtype {vol.dtype} is not numeric; convert it first")
+    model_path = os.fspath(model)
+    _, meta = read_model_file(model_path)
+    factor = meta.downsample
+    native_chunks = [min(int(c), int(s)) for c, s in zip(ps.chunks, vol.shape)]
+    if any(c % factor and c < s for c, s in zip(native_chunks, vol.shape)):
+        fixed = [max(factor, c - c % factor) for c in ps.chunks]
+        raise ConfigError(f"predict.chunks: {list(ps.chunks)} must be multiples of {factor}, the downsampling "
+                          f"factor of {model_path} (its data.downsample); use e.g. {fixed}")
+    grid = BlockGrid(tuple(vol.shape), tuple(native_chunks), factor, int(ps.halo))
+    axes, _ = rotations_of(ps.axes)
+    in_plane = set(range(3)) if ps.fused else {d for a in axes for d in range(3) if d != AXES[a]}
+    for d, (c, s) in enumerate(zip(grid.chunks, grid.shape)):
+        if d in in_plane and grid.halo > c and s > c:
+            raise ConfigError(f"predict.halo: {ps.halo} is larger than the block ({c * factor} voxels along "
+                              f"{'zyx'[d]}); use a halo of at most the block size (32-64 is typical) or larger "
+                              "predict.chunks")
+    if ps.normalization == "recompute":
+        norm = compute_normalization(downsample_array(vol, factor), source=os.fspath(volume))
+    else:
+        norm = meta.normalization
+    plan = Plan(os.fspath(volume), model_path, Path(output), grid, axes, ps, slab_spec(model_path, meta, ps, norm),
+                meta)
+    plan.key_fields = {
+        "input": _input_fingerprint(os.fspath(volume)),
+        "input_shape": list(grid.native_shape), "input_dtype": str(vol.dtype),
+        "model_sha256": file_digest(model_path),
+        "chunks": list(grid.native_chunks), "halo": int(ps.halo), "axes": ps.axes, "tta_flips": ps.tta_flips,
+        "normalization": norm.to_dict(), "fused": ps.fused,
+        "merge": ps.merge if ps.fused else None,
+    }
+    plan.run_key = hashlib.sha256(json.dumps(plan.key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    return plan
+
+
+def slab_spec(model_path: str | os.PathLike[str], meta: ModelMeta, settings: PredictSettings,
+              normalization: Normalization) -> SlabSpec:
+    """The slab function's settings for a model file, its metadata and the prediction settings."""
+    return SlabSpec(
+        model_path=str(Path(model_path).resolve()), normalization=normalization, n_slices=meta.n_slices,
+        batch_size=settings.batch_size, device=settings.device, amp=settings.amp,
+        rotations=rotations_of(settings.axes)[1], flips=settings.tta_flips, combine=settings.merge,
+        torch_threads=settings.torch_threads, multiple=meta.pad_multiple,
+    )

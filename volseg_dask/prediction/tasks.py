@@ -1,0 +1,151 @@
+"""The per-block tasks: one axis of one block, all axes of a block merged (fused), and the merge of a block.
+
+A prediction task reads its own block plus halo straight from the input (halo toward neighbouring
+blocks only), runs the slab function, writes exactly one output chunk, then drops a done-marker; a
+rerun skips marked blocks. A merge task reads one block of each per-axis array and writes each
+merged output's chunk once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from ..errors import VolumeValueError
+from ..grid import AXES, BlockGrid, Region
+from ..memory import trim_memory
+from ..outputs import open_for_writing
+from .reads import read_downsampled
+from .upsample import region_reader, upsample_region
+from .votes import merge_block
+
+if TYPE_CHECKING:  # the slab function needs torch; merge tasks run without it
+    from .inference import SlabSpec
+
+__all__ = ["DONE_DIR", "axis_task", "block_context", "done_marker", "fused_task", "merge_task", "predict_axes",
+           "write_merged_block"]
+
+DONE_DIR = ".volseg/done"
+
+
+def block_context(block: Region, shape: Sequence[int], halo: int, axis: int, half: int) -> list[tuple[int, int]]:
+    """Voxels of context on each side of a block for one axis's planes.
+
+    In-plane, ``halo`` toward neighbouring blocks (as much of it as the volume holds) and none at the
+    volume's border, where a whole plane sees the edge exactly as a whole-volume prediction does (and
+    no time goes into mirrored halo). Along the axis, ``half`` slices of 2.5D context, mirrored at the
+    border.
+    """
+    return [(half, half) if d == axis else (min(halo, a), min(halo, n - b))
+            for d, ((a, b), n) in enumerate(zip(block, shape))]
+
+
+def read_block(volume: str, grid: BlockGrid, block: Region, pads: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``block`` of the network's grid plus ``pads`` of context, refused when it holds NaN or Inf."""
+    start = [a - p for (a, _), (p, _) in zip(block, pads)]
+    stop = [b + q for (_, b), (_, q) in zip(block, pads)]
+    data = read_downsampled(volume, start, stop, grid.factor)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        where = ", ".join(f"{a * grid.factor}:{b * grid.factor}" for a, b in block)
+        raise VolumeValueError(f"{volume}: NaN or infinite values in the block [{where}]; replace them "
+                               "(e.g. with the background value) and run again")
+    return data
+
+
+def done_marker(output: Path, name: str, index: Sequence[int]) -> Path:
+    """The file that records block ``index`` of ``name`` as written."""
+    return output / DONE_DIR / name / ".".join(map(str, index))
+
+
+def axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], grid: BlockGrid, spec: SlabSpec) -> int:
+    """Predict block ``index`` along ``axis`` and write its probability chunk; 0 when it was done before."""
+    marker = done_marker(Path(output), f"probabilities-{axis}", index)
+    if marker.exists():
+        return 0
+    block = grid.block(index)
+    try:
+        (probs,) = predict_axes(volume, (axis,), block, grid, spec)
+        arr = open_for_writing(output, f"probabilities/{axis}")
+        arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
+        del probs
+    finally:
+        trim_memory()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return 1
+
+
+def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGrid, spec: SlabSpec) -> list[np.ndarray]:
+    """uint8 probabilities ``(C, ...)`` of ``block`` (network's grid) along each of ``axes``, from one read.
+
+    Every axis sees exactly the region (block plus its own context) a single-axis task reads for it.
+    """
+    from .inference import infer_block
+
+    half = (spec.n_slices - 1) // 2
+    contexts = [block_context(block, grid.shape, grid.halo, AXES[axis], half) for axis in axes]
+    pads = [(max(c[d][0] for c in contexts), max(c[d][1] for c in contexts)) for d in range(3)]
+    data = read_block(volume, grid, block, pads)
+    per_axis = []
+    for axis, context in zip(axes, contexts):
+        sub = tuple(slice(p - c, data.shape[d] - q + e) for d, ((p, q), (c, e)) in enumerate(zip(pads, context)))
+        per_axis.append(infer_block(data[sub], axis, spec, context))
+    return per_axis
+
+
+def fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...], grid: BlockGrid,
+               spec: SlabSpec, method: str, label_values: list[int], extras: tuple[str, ...]) -> int:
+    """Predict block ``index`` along every axis, merge, and write its chunk of labels and ``extras``."""
+    marker = done_marker(Path(output), "fused", index)
+    if marker.exists():
+        return 0
+    native = grid.native_block(index)
+    if grid.factor == 1:
+        per_axis = predict_axes(volume, axes, native, grid, spec)
+    else:  # the coarse voxels the native block's linear upsampling needs: its block and one more around it
+        support = grid.upsample_support(index)
+        coarse = predict_axes(volume, axes, support, grid, spec)
+        origin = [a for a, _ in support]
+        per_axis = [upsample_region(region_reader(p, origin), native, grid) for p in coarse]
+        del coarse
+    write_merged_block(output, per_axis, tuple(slice(a, b) for a, b in native), method=method,
+                       label_values=label_values, outputs=extras)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return 1
+
+
+def merge_task(output: str, axes: tuple[str, ...], index: tuple[int, ...], grid: BlockGrid, method: str,
+                label_values: list[int], extras: tuple[str, ...]) -> int:
+    """Merge block ``index``: read its per-axis probability chunks, write each merged output's chunk once.
+
+    With a downsampling model the per-axis probabilities are coarse: the block's coarse voxels (and
+    one more around them) are read and upsampled linearly to the native block first.
+    """
+    region = grid.native_block(index)
+    where = tuple(slice(a, b) for a, b in region)
+    arrays = [zarr.open_array(store=output, path=f"probabilities/{axis}", mode="r") for axis in axes]
+    if grid.factor == 1:
+        probs = [np.asarray(a[(slice(None), *where)]) for a in arrays]
+    else:
+        probs = [upsample_region(region_reader(a), region, grid) for a in arrays]
+    write_merged_block(output, probs, where, method=method, label_values=label_values, outputs=extras)
+    return 1
+
+
+def write_merged_block(output: str, probs: list[np.ndarray], where: tuple[slice, ...], *, method: str,
+                       label_values: Sequence[int], outputs: tuple[str, ...]) -> None:
+    """Merge one block's per-axis probabilities and write its chunk of ``labels`` and each output once.
+
+    ``probs`` is emptied, so the per-axis arrays are freed before the merged rows are written.
+    """
+    merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
+    probs.clear()
+    for i, name in enumerate(("labels", *outputs)):
+        open_for_writing(output, f"{name}/0")[where] = merged[i]
+    del merged
+    trim_memory()
