@@ -157,7 +157,7 @@ CASES = {
     "predict: halo larger than block": ([*PREDICT, f"{W}/p9.zarr", "--halo", "40"], "predict.halo: 40 is larger"),
     "predict: YAML unknown key": ([*PREDICT, f"{W}/p10.zarr", "-c", f"{W}/unknown.yaml"], "'halo_size'"),
     "predict: YAML wrong type": ([*PREDICT, f"{W}/p11.zarr", "-c", f"{W}/wrongtype.yaml"],
-                                 "predict.batch_size: expected an integer"),
+                                 "predict.batch_size: expected a number or 'auto', found 'many'"),
     "predict: YAML negative size": ([*PREDICT, f"{W}/p12.zarr", "-c", f"{W}/negative.yaml"],
                                     "predict.chunks[0]: -8 is below the minimum"),
     "predict: not YAML": ([*PREDICT, f"{W}/p13.zarr", "-c", f"{W}/notyaml.yaml"], "not valid YAML"),

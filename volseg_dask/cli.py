@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from ._version import __version__
+from .cluster import GPU_WORKER_THREADS
 from .errors import VolsegError
 
 log = logging.getLogger("volseg_dask.cli")
@@ -28,7 +29,13 @@ class _State:
 
     @property
     def progress(self) -> bool:
+        """A progress bar: on a terminal, unless quiet."""
         return not self.quiet and sys.stderr.isatty() and os.environ.get("CI") != "true"
+
+    @property
+    def blocks(self) -> bool | str:
+        """Progress of block-wise work: a bar on a terminal, else a line per ~5 % (batch logs), unless quiet."""
+        return True if self.progress else (False if self.quiet else "lines")
 
 
 class Terminated(KeyboardInterrupt):
@@ -381,8 +388,13 @@ def _peak_memory(workers: int | None, address: str | None) -> str:
 @click.option("--merge", "merge_method", type=click.Choice(["max", "mean", "vote"]), help="Vote across axes.")
 @click.option("--chunks", help="Block (= output chunk) shape: N or Z,Y,X.")
 @click.option("--halo", type=int, help="In-plane context around each block (voxels).")
-@click.option("--batch-size", type=int, help="Planes per forward pass.")
+@click.option("--batch-size", help="Planes per forward pass, or auto (from the GPU's free memory; 4 on the CPU).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--pipeline", type=click.Choice(["auto", "device-thread", "inline"]),
+              help="device-thread: one thread per worker feeds the device while the others read and write.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help=f"Threads per worker of --workers (default 1 on the CPU; {GPU_WORKER_THREADS} with --device "
+              "cuda, each worker on its own GPU).")
 @click.option("--fused/--per-axis", default=None, help="All axes in one task; write only labels and extras.")
 @click.option("--tta-flips/--no-tta-flips", default=None, help="Also predict flipped planes.")
 @click.option("--keep-probabilities/--no-keep-probabilities", default=None,
@@ -396,24 +408,34 @@ def _peak_memory(workers: int | None, address: str | None) -> str:
 @_scheduler_options
 @click.pass_obj
 def predict(state: _State, volume: str, model: Path, output: Path, config_file: Path | None, axes: str | None,
-            merge_method: str | None, chunks: str | None, halo: int | None, batch_size: int | None,
-            device: str | None, fused: bool | None, tta_flips: bool | None, keep_probabilities: bool | None,
-            confidence: bool | None, entropy: bool | None, disagreement: bool | None, normalization: str | None,
-            overwrite: bool, workers: int | None, address: str | None) -> None:
+            merge_method: str | None, chunks: str | None, halo: int | None, batch_size: str | None,
+            device: str | None, pipeline: str | None, threads: int | None, fused: bool | None,
+            tta_flips: bool | None, keep_probabilities: bool | None, confidence: bool | None, entropy: bool | None,
+            disagreement: bool | None, normalization: str | None, overwrite: bool, workers: int | None,
+            address: str | None) -> None:
     """Segment VOLUME with MODEL, out-of-core; rerunning an interrupted command resumes it."""
     from .cluster import dask_scheduler
     from .config import load_settings
     from .prediction.run import predict as api
 
+    batch: int | str | None = batch_size
+    if batch_size is not None and batch_size != "auto":
+        try:
+            batch = int(batch_size)
+        except ValueError:
+            raise click.BadParameter(f"{batch_size!r}: give a number of planes or auto",
+                                     param_hint="--batch-size") from None
     settings = load_settings(config_file, {
         "predict.axes": axes, "predict.merge": merge_method, "predict.chunks": _chunks(chunks),
-        "predict.halo": halo, "predict.batch_size": batch_size, "predict.device": device, "predict.fused": fused,
-        "predict.tta_flips": tta_flips, "predict.keep_probabilities": keep_probabilities,
+        "predict.halo": halo, "predict.batch_size": batch, "predict.device": device, "predict.pipeline": pipeline,
+        "predict.fused": fused, "predict.tta_flips": tta_flips, "predict.keep_probabilities": keep_probabilities,
         "predict.confidence": confidence, "predict.entropy": entropy, "predict.disagreement": disagreement,
         "predict.normalization": normalization,
     })
-    with dask_scheduler(workers, address, echo=click.echo):
-        result = api(volume, model, output, settings, overwrite=overwrite, progress=state.progress)
+    gpus = settings.predict.device.startswith("cuda")
+    with dask_scheduler(workers, address, echo=click.echo, gpus=gpus,
+                        threads_per_worker=threads or (GPU_WORKER_THREADS if gpus else 1)):
+        result = api(volume, model, output, settings, overwrite=overwrite, progress=state.blocks)
     click.echo(f"wrote {result.output} ({result.blocks_computed} blocks computed, {result.blocks_skipped} already "
                f"done; {result.seconds:.1f} s, {result.voxels_per_second / 1e6:.2f} Mvoxel/s"
                f"{_peak_memory(workers, address)})")
@@ -446,7 +468,7 @@ def merge(state: _State, output: Path, method: str | None, confidence: bool | No
         outputs = [n for n in ("confidence", "entropy", "disagreement")
                    if flags[n] or (flags[n] is None and n in recorded)]
     with dask_scheduler(workers, address, echo=click.echo):
-        api(output, method=method, outputs=outputs, keep_probabilities=keep_probabilities, progress=state.progress)
+        api(output, method=method, outputs=outputs, keep_probabilities=keep_probabilities, progress=state.blocks)
     click.echo(f"wrote {output / 'labels'}")
 
 

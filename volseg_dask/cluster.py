@@ -14,16 +14,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
+from dask.callbacks import Callback
 
 from .errors import ConfigError, VolsegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["active_client", "compute", "dask_scheduler"]
+__all__ = ["GPU_WORKER_THREADS", "active_client", "compute", "dask_scheduler"]
+
+GPU_WORKER_THREADS = 4
+"""Threads of a GPU worker that ``--workers N --device cuda`` starts: they read and write blocks around the
+worker's one device thread (``benchmarks/bench_pipeline.py`` measures the choice)."""
 
 
 def active_client() -> Any | None:
@@ -37,17 +43,31 @@ def active_client() -> Any | None:
     return owner if isinstance(owner, Client) else None
 
 
-def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
-    """``dask.compute`` on the active scheduler, with a progress bar when ``progress`` is true."""
+def compute(*collections: Any, progress: bool | str = False, label: str = "tasks", **kwargs: Any) -> tuple[Any, ...]:
+    """``dask.compute`` on the active scheduler, showing progress.
+
+    ``progress``: ``True`` draws a bar (for a terminal); ``"lines"`` prints one line per ~5 % of the tasks
+    with the time so far and an ETA, prefixed by ``label`` (for batch jobs, whose stderr is a file);
+    ``False`` shows nothing.
+    """
     client = active_client()
     if client is not None:
         futures = client.compute(list(collections), **kwargs)
-        if progress:
+        if progress == "lines":
+            from distributed import as_completed
+
+            lines = _ProgressLines(label, len(futures))
+            for _ in as_completed(futures):
+                lines.done(1)
+        elif progress:
             from distributed import progress as dist_progress
 
             dist_progress(futures)
             print(file=sys.stderr)
         return tuple(client.gather(futures))
+    if progress == "lines":
+        with _LineCallback(label):
+            return dask.compute(*collections, **kwargs)
     if progress:
         from dask.diagnostics import ProgressBar
 
@@ -56,9 +76,51 @@ def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[A
     return dask.compute(*collections, **kwargs)
 
 
+class _ProgressLines:
+    """Prints ``LABEL: 45 % (9/20, 31 s, ETA 38 s)`` each time another ~5 % of ``total`` is done."""
+
+    STEP = 5
+
+    def __init__(self, label: str, total: int, stream: Any = None) -> None:
+        self.label, self.total, self.count = label, max(0, int(total)), 0
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.next = self.STEP
+
+    def done(self, n: int) -> None:
+        self.count += n
+        if not self.total:
+            return
+        percent = 100 * self.count // self.total
+        if percent < self.next and self.count < self.total:
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed * (self.total - self.count) / self.count if self.count else float("nan")
+        print(f"{self.label}: {percent} % ({self.count}/{self.total}, {elapsed:.0f} s, ETA {eta:.0f} s)",
+              file=self.stream, flush=True)
+        self.next = (percent // self.STEP + 1) * self.STEP
+
+
+class _LineCallback(Callback):
+    """dask's local-scheduler callback that feeds :class:`_ProgressLines` as tasks finish."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+        self.lines: _ProgressLines | None = None
+
+    def _start_state(self, dsk: Any, state: Any) -> None:
+        self.lines = _ProgressLines(self.label, len(state["ready"]) + len(state["waiting"]))
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if self.lines is not None:
+            self.lines.done(1)
+
+
 @contextlib.contextmanager
 def dask_scheduler(workers: int | None = None, address: str | None = None, *, threads_per_worker: int = 1,
-                   memory_limit: str = "auto", echo: Callable[[str], Any] = log.info) -> Iterator[Any]:
+                   memory_limit: str = "auto", gpus: bool = False,
+                   echo: Callable[[str], Any] = log.info) -> Iterator[Any]:
     """Run the enclosed API calls on the chosen scheduler; yields the client (None for threads).
 
     Parameters
@@ -71,6 +133,9 @@ def dask_scheduler(workers: int | None = None, address: str | None = None, *, th
         Threads per worker process of a LocalCluster.
     memory_limit
         Memory limit per LocalCluster worker (dask's syntax, e.g. ``"4GB"``).
+    gpus
+        Each LocalCluster worker declares ``GPU=1`` and runs on its own GPU (worker ``k`` on GPU ``k`` of
+        those visible, see :func:`volseg_dask.device.select_device`).
     echo
         Where the dashboard address is reported.
     """
@@ -93,7 +158,9 @@ def dask_scheduler(workers: int | None = None, address: str | None = None, *, th
         return
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: {workers} must be at least 1")
+    extra: dict[str, Any] = {"resources": {"GPU": 1}} if gpus else {}
     with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                      memory_limit=memory_limit, dashboard_address=":0") as cluster, Client(cluster) as client:
-        echo(f"started a local cluster of {workers} worker process(es); dashboard: {client.dashboard_link}")
+                      memory_limit=memory_limit, dashboard_address=":0", **extra) as cluster, Client(cluster) as client:
+        echo(f"started a local cluster of {workers} worker process(es) x {threads_per_worker} thread(s)"
+             f"{', one GPU each' if gpus else ''}; dashboard: {client.dashboard_link}")
         yield client

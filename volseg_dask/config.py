@@ -255,10 +255,20 @@ class PredictSettings(_Section):
     )
     halo: int = _opt(32, help="In-plane context added around each block and cropped after inference (px).",
                      min=0)
-    batch_size: int = _opt(4, help="Planes per forward pass.", min=1)
+    batch_size: int | Literal["auto"] = _opt(
+        "auto", help="Planes per forward pass; 'auto': 4 on the CPU, on a GPU the largest power of two whose "
+        "activations fit half of its free memory (measured once per plane size).", min=1)
     device: str = _opt("auto", help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.",
                        pattern=DEVICE_PATTERN, expected="auto, cpu, cuda, cuda:N or mps")
-    amp: bool = _opt(True, help="Autocast to float16 on CUDA (never on the CPU, where it is slower).")
+    amp: bool = _opt(True, help="Autocast on CUDA (never on the CPU, where it is slower).")
+    amp_dtype: Literal["float16", "bfloat16"] = _opt(
+        "float16", help="Precision of the autocast on CUDA: float16, or bfloat16 (wider range, fewer digits).")
+    pipeline: Literal["auto", "device-thread", "inline"] = _opt(
+        "auto", help="'device-thread': one thread per worker process feeds the device while the worker's dask "
+        "threads read and write other blocks; 'inline': each task runs its blocks itself; 'auto': the device "
+        "thread on a GPU, inline on the CPU.")
+    compile: bool = _opt(False, help="torch.compile the network before predicting (slow to start; "
+                                     "`benchmarks/gpu_check.py` measures whether it pays off on a GPU).")
     fused: bool = _opt(
         False, help="Predict all axes of a block in one task and write only labels and confidence "
         "(no per-axis probabilities on disk)."
@@ -446,7 +456,15 @@ def _check_value(value: Any, tp: Any, meta: Mapping[str, Any], key: str) -> Any:
                 return None
             raise ConfigError(f"{key}: must not be null; expected {_type_name(tp)}")
         non_none = [a for a in args if a is not type(None)]
-        return _check_value(value, non_none[0], meta, key)
+        if len(non_none) == 1:
+            return _check_value(value, non_none[0], meta, key)
+        literal = [a for a in non_none if get_origin(a) is Literal and value in get_args(a)]
+        if literal:  # int | Literal["auto"]: the word first, then the number's own checks
+            return value
+        if isinstance(value, str):
+            words = " or ".join(repr(w) for a in non_none if get_origin(a) is Literal for w in get_args(a))
+            raise ConfigError(f"{key}: expected a number or {words}, found {value!r}")
+        return _check_value(value, next(a for a in non_none if get_origin(a) is not Literal), meta, key)
     if value is None:
         raise ConfigError(f"{key}: must not be null; expected {_type_name(tp)}")
     if origin is Literal:

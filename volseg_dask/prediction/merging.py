@@ -38,7 +38,7 @@ def merge(
     method: str | None = None,
     outputs: Sequence[str] | None = None,
     keep_probabilities: bool = True,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Path:
     """Merge the per-axis probabilities of a prediction output into ``labels`` (and extras).
 
@@ -53,7 +53,7 @@ def merge(
     keep_probabilities
         Delete the per-axis arrays after a successful merge when False.
     progress
-        Show a progress bar.
+        ``True``: a progress bar; ``"lines"``: a line per ~5 % of the blocks (batch jobs).
 
     Returns
     -------
@@ -99,7 +99,7 @@ def merge(
 
 def write_merged(group: zarr.Group, output: str | os.PathLike[str], axes: Sequence[str], grid: BlockGrid, *,
                  method: str, label_values: Sequence[int], extras: Sequence[str], attrs: dict[str, Any],
-                 voxel_size: Sequence[float] | None = None, progress: bool = False) -> None:
+                 voxel_size: Sequence[float] | None = None, progress: bool | str = False) -> None:
     """Merge the complete per-axis probabilities of ``output`` into OME-Zarr multiscales (labels and extras).
 
     The outputs have ``grid``'s native shape and chunks; with a downsampling model the probabilities
@@ -120,6 +120,6 @@ def write_merged(group: zarr.Group, output: str | os.PathLike[str], axes: Sequen
     path, values = os.fspath(output), [int(v) for v in label_values]
     tasks = [task(path, tuple(axes), index, grid, method, values, tuple(extras),
                   dask_key_name=f"merge-{'.'.join(map(str, index))}") for index in grid.indices()]
-    compute(*tasks, progress=progress)
+    compute(*tasks, progress=progress, label="merge")
     for name in names:
-        finish_multiscale(group, name, voxel_size=voxel_size, progress=progress)
+        finish_multiscale(group, name, voxel_size=voxel_size, progress=progress is True)

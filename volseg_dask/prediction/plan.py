@@ -141,7 +141,8 @@ def slab_spec(model_path: str | os.PathLike[str], meta: ModelMeta, settings: Pre
     """The slab function's settings for a model file, its metadata and the prediction settings."""
     return SlabSpec(
         model_path=str(Path(model_path).resolve()), normalization=normalization, n_slices=meta.n_slices,
-        batch_size=settings.batch_size, device=settings.device, amp=settings.amp,
-        rotations=rotations_of(settings.axes)[1], flips=settings.tta_flips, combine=settings.merge,
-        torch_threads=settings.torch_threads, multiple=meta.pad_multiple,
+        batch_size=None if settings.batch_size == "auto" else int(settings.batch_size), device=settings.device,
+        amp=settings.amp, amp_dtype=settings.amp_dtype, rotations=rotations_of(settings.axes)[1],
+        flips=settings.tta_flips, combine=settings.merge, torch_threads=settings.torch_threads,
+        multiple=meta.pad_multiple, pipeline=settings.pipeline, compile=settings.compile,
     )

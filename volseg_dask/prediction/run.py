@@ -58,7 +58,7 @@ from ..outputs import (
 from .inference import SlabSpec
 from .merging import write_merged
 from .plan import Plan, plan_prediction
-from .tasks import axis_task, fused_task
+from .tasks import block_task, fused_task
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ class PredictResult:
 
     output: Path
     blocks_computed: int
+    """Block-axes predicted by this run (blocks, when fused)."""
     blocks_skipped: int
+    """Block-axes found done by an earlier run (resume)."""
     seconds: float
     voxels: int
     axes: str
@@ -87,14 +89,23 @@ class PredictResult:
 
 
 def _gpu_resources(spec: SlabSpec) -> dict[str, float] | None:
-    """``{"GPU": 1}`` when the active cluster's workers declare GPUs and the model runs on one."""
+    """What each block task asks of the active cluster when its workers declare GPUs and the model runs on one.
+
+    Block tasks run only on workers that declare ``GPU``. With a device thread (the GPU default) every
+    thread of such a worker may run a block task: the worker's one device thread feeds its GPU, the
+    threads read and write around it, so a task asks for ``GPU / threads`` of the worker. Run inline, a task
+    holds the whole GPU (``GPU=1``): two inferences never share one device.
+    """
     client = active_client()
     if client is None or spec.device == "cpu":
         return None
-    workers = client.scheduler_info().get("workers", {}).values()
-    if any("GPU" in (w.get("resources") or {}) for w in workers):
+    workers = [w for w in client.scheduler_info().get("workers", {}).values() if "GPU" in (w.get("resources") or {})]
+    if not workers:
+        return None
+    if spec.pipeline == "inline":
         return {"GPU": 1}
-    return None
+    share = min(float(w["resources"]["GPU"]) / max(1, int(w.get("nthreads", 1))) for w in workers)
+    return {"GPU": share}
 
 
 def _prepare_output(plan: Plan, overwrite: bool) -> tuple[zarr.Group, bool]:
@@ -168,10 +179,10 @@ def _tasks(plan: Plan) -> list[Any]:
         return [fused(vol, out, plan.axes, index, grid, spec, plan.settings.merge, plan.label_values, plan.extras,
                       dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}")
                 for index in grid.indices()]
-    task = dask.delayed(axis_task, pure=False)
-    return [task(vol, out, axis, index, grid, spec,
-                 dask_key_name=f"predict-{axis}-{'.'.join(map(str, index))}-{plan.run_key}")
-            for axis in plan.axes for index in grid.indices()]
+    task = dask.delayed(block_task, pure=False)
+    return [task(vol, out, plan.axes, index, grid, spec,
+                 dask_key_name=f"predict-{''.join(plan.axes)}-{'.'.join(map(str, index))}-{plan.run_key}")
+            for index in grid.indices()]
 
 
 def predict(
@@ -181,7 +192,7 @@ def predict(
     settings: Settings | PredictSettings | None = None,
     *,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> PredictResult:
     """Segment a volume of any size with a trained model, out-of-core.
 
@@ -202,7 +213,7 @@ def predict(
     overwrite
         Replace an existing output.
     progress
-        Show a progress bar.
+        ``True``: a progress bar; ``"lines"``: a line per ~5 % of the blocks with an ETA (batch jobs).
 
     Returns
     -------
@@ -219,7 +230,8 @@ def predict(
         resources = _gpu_resources(plan.spec)
         with dask.annotate(resources=resources) if resources else contextlib.nullcontext():
             tasks = _tasks(plan)
-        set_status(group, blocks_total=len(tasks))
+        units = len(tasks) * (1 if plan.settings.fused else len(plan.axes))  # block-axes (blocks when fused)
+        set_status(group, blocks_total=units)
         grid = plan.grid
         log.info("predicting %s %s along %s in %d blocks of %s (halo %d)%s%s", plan.volume, grid.native_shape,
                  "".join(plan.axes), len(grid.indices()), grid.native_chunks, plan.settings.halo,
@@ -227,7 +239,8 @@ def predict(
                  " [fused]" if plan.settings.fused else "")
         # resources also go to the client directly: graph optimisation may drop annotations
         try:
-            counts = compute(*tasks, progress=progress, **({"resources": resources} if resources else {}))
+            extra: dict[str, Any] = {"resources": resources} if resources else {}
+            counts = compute(*tasks, progress=progress, label="predict", **extra)
         except OSError as exc:
             if isinstance(exc, VolsegError):
                 raise
@@ -236,11 +249,11 @@ def predict(
                 "marked incomplete: fix the cause (e.g. free disk space) and rerun the same command to resume"
             ) from exc
         computed = int(sum(counts))
-        skipped = len(tasks) - computed
+        skipped = units - computed
         voxel_size = volume_voxel_size(plan.volume)
         if plan.settings.fused:
             for name in ("labels", *plan.extras):
-                finish_multiscale(group, name, voxel_size=voxel_size, progress=progress)
+                finish_multiscale(group, name, voxel_size=voxel_size, progress=progress is True)
         else:
             for axis in plan.axes:
                 mark_complete(group[f"probabilities/{axis}"])
@@ -254,7 +267,7 @@ def predict(
                 set_status(group, probabilities_deleted=True)
         shutil.rmtree(out / ".volseg", ignore_errors=True)
         seconds = time.perf_counter() - t0
-        mark_complete(group, blocks_done=len(tasks), blocks_computed=computed, blocks_skipped=skipped,
+        mark_complete(group, blocks_done=units, blocks_computed=computed, blocks_skipped=skipped,
                       seconds=round(seconds, 2), resumed=resumed)
     log.info("prediction done: %d blocks computed, %d skipped, %.1f s", computed, skipped, seconds)
     return PredictResult(out, computed, skipped, seconds, int(np.prod(plan.grid.native_shape)), "".join(plan.axes))

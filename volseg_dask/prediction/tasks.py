@@ -1,16 +1,16 @@
-"""The per-block tasks: one axis of one block, all axes of a block merged (fused), and the merge of a block.
+"""The per-block tasks: the axes of one block, all axes of a block merged (fused), and the merge of a block.
 
-A prediction task reads its own block plus halo straight from the input (halo toward neighbouring
-blocks only), runs the slab function, writes exactly one output chunk, then drops a done-marker; a
-rerun skips marked blocks. A merge task reads one block of each per-axis array and writes each
-merged output's chunk once.
+A prediction task reads its block plus halo once, straight from the input (halo toward neighbouring
+blocks only, the union of its axes' contexts), runs the slab function along each axis, writes each
+axis's output chunk exactly once and drops a done-marker per axis; a rerun skips marked block-axes. A
+merge task reads one block of each per-axis array and writes each merged output's chunk once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -26,10 +26,13 @@ from .votes import merge_block
 if TYPE_CHECKING:  # the slab function needs torch; merge tasks run without it
     from .inference import SlabSpec
 
-__all__ = ["DONE_DIR", "axis_task", "block_context", "done_marker", "fused_task", "merge_task", "predict_axes",
-           "write_merged_block"]
+__all__ = ["DONE_DIR", "IN_FLIGHT", "block_context", "block_task", "done_marker", "fused_task", "merge_task",
+           "predict_axes", "write_merged_block"]
 
 DONE_DIR = ".volseg/done"
+
+IN_FLIGHT = 2
+"""Axes of one block queued on a device thread at a time: the device computes the next while the task writes."""
 
 
 def block_context(block: Region, shape: Sequence[int], halo: int, axis: int, half: int) -> list[tuple[int, int]]:
@@ -61,40 +64,53 @@ def done_marker(output: Path, name: str, index: Sequence[int]) -> Path:
     return output / DONE_DIR / name / ".".join(map(str, index))
 
 
-def axis_task(volume: str, output: str, axis: str, index: tuple[int, ...], grid: BlockGrid, spec: SlabSpec) -> int:
-    """Predict block ``index`` along ``axis`` and write its probability chunk; 0 when it was done before."""
-    marker = done_marker(Path(output), f"probabilities-{axis}", index)
-    if marker.exists():
+def block_task(volume: str, output: str, axes: Sequence[str], index: tuple[int, ...], grid: BlockGrid,
+               spec: SlabSpec) -> int:
+    """Predict block ``index`` along each of ``axes`` not done before, from one read of the block and its
+    context; write each axis's probability chunk and its done-marker. Returns the block-axes computed."""
+    out = Path(output)
+    todo = [a for a in axes if not done_marker(out, f"probabilities-{a}", index).exists()]
+    if not todo:
         return 0
     block = grid.block(index)
+    where = (slice(None), *(slice(a, b) for a, b in block))
     try:
-        (probs,) = predict_axes(volume, (axis,), block, grid, spec)
-        arr = open_for_writing(output, f"probabilities/{axis}")
-        arr[(slice(None), *(slice(a, b) for a, b in block))] = probs
-        del probs
+        for axis, probs in predict_axes(volume, todo, block, grid, spec):
+            open_for_writing(output, f"probabilities/{axis}")[where] = probs
+            del probs
+            marker = done_marker(out, f"probabilities-{axis}", index)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
     finally:
         trim_memory()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    return 1
+    return len(todo)
 
 
-def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGrid, spec: SlabSpec) -> list[np.ndarray]:
-    """uint8 probabilities ``(C, ...)`` of ``block`` (network's grid) along each of ``axes``, from one read.
+def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGrid,
+                 spec: SlabSpec) -> Iterator[tuple[str, np.ndarray]]:
+    """``(axis, uint8 probabilities (C, ...))`` of ``block`` (network's grid) along each of ``axes``, in order,
+    from one read of the block and the union of the axes' contexts.
 
-    Every axis sees exactly the region (block plus its own context) a single-axis task reads for it.
+    Every axis sees exactly the region (block plus its own context) a single-axis prediction reads for
+    it. With a device thread, the next axis is queued on the device while the caller writes this one.
     """
-    from .inference import infer_block
+    from .inference import pipelined, submit_block
 
     half = (spec.n_slices - 1) // 2
     contexts = [block_context(block, grid.shape, grid.halo, AXES[axis], half) for axis in axes]
     pads = [(max(c[d][0] for c in contexts), max(c[d][1] for c in contexts)) for d in range(3)]
     data = read_block(volume, grid, block, pads)
-    per_axis = []
+    window = IN_FLIGHT if pipelined(spec) else 1
+    pending: list[tuple[str, Any]] = []
     for axis, context in zip(axes, contexts):
         sub = tuple(slice(p - c, data.shape[d] - q + e) for d, ((p, q), (c, e)) in enumerate(zip(pads, context)))
-        per_axis.append(infer_block(data[sub], axis, spec, context))
-    return per_axis
+        pending.append((axis, submit_block(data[sub], axis, spec, context)))
+        if len(pending) >= window:
+            done, future = pending.pop(0)
+            yield done, future.result()
+    del data
+    for axis, future in pending:
+        yield axis, future.result()
 
 
 def fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...], grid: BlockGrid,
@@ -105,10 +121,10 @@ def fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int
         return 0
     native = grid.native_block(index)
     if grid.factor == 1:
-        per_axis = predict_axes(volume, axes, native, grid, spec)
+        per_axis = [p for _, p in predict_axes(volume, axes, native, grid, spec)]
     else:  # the coarse voxels the native block's linear upsampling needs: its block and one more around it
         support = grid.upsample_support(index)
-        coarse = predict_axes(volume, axes, support, grid, spec)
+        coarse = [p for _, p in predict_axes(volume, axes, support, grid, spec)]
         origin = [a for a, _ in support]
         per_axis = [upsample_region(region_reader(p, origin), native, grid) for p in coarse]
         del coarse
