@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,32 @@ class ZarrReader(Reader):
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         if self._array is None:
             self._array = zarr.open_array(store=str(self.path), path=self.array_path or "", mode="r")
-        return np.asarray(self._array[region])
+        try:
+            return np.asarray(self._array[region])
+        except Exception as exc:
+            damaged = self._damaged_chunks(region)
+            if not damaged:
+                raise
+            where = self.path / (self.array_path or "")
+            names = ", ".join(f"{key} ({where / key})" for key in damaged[:3])
+            more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+            raise VolumeFormatError(
+                f"{where}: chunk {names}{more} cannot be decoded ({type(exc).__name__}: {exc}); the store is "
+                "damaged: copy it again or convert the volume again"
+            ) from exc
+
+    def _damaged_chunks(self, region: tuple[slice, ...]) -> list[str]:
+        """Keys of the stored chunks (shards) under ``region`` that fail to decode, read one by one."""
+        arr = self._array
+        grid = tuple(arr.shards or arr.chunks)
+        spans = [range(r.start // g, -(-r.stop // g)) for r, g in zip(region, grid)]
+        bad = []
+        for index in itertools.product(*spans):
+            try:
+                arr[tuple(slice(i * g, min((i + 1) * g, n)) for i, g, n in zip(index, grid, arr.shape))]
+            except Exception:
+                bad.append(arr.metadata.encode_chunk_key(index))
+        return bad
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
         # the chunk files change while the metadata file stays: tokenise by the metadata's time

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from ..cluster import compute
-from ..errors import IncompleteOutputError, VolsegError, VolumeFormatError, VolumeNotFoundError
+from ..errors import IncompleteOutputError, VolsegError, VolumeFormatError, VolumeNotFoundError, WriteFailedError
 from ..grid import BlockGrid
 from ..labels import label_dtype
 from ..ngff import create_multiscale, finish_multiscale
@@ -87,9 +87,16 @@ def merge(
         assert isinstance(first, zarr.Array)
         grid = BlockGrid(tuple(info.get("shape") or first.shape[1:]), tuple(info.get("chunks") or first.chunks[1:]),
                          int(info.get("downsample", 1)))
-        write_merged(group, out, axes, grid, method=method, label_values=info["label_values"], extras=extras,
-                     attrs={"merge": method, "axes": list(axes)}, voxel_size=info.get("voxel_size"),
-                     progress=progress)
+        try:
+            write_merged(group, out, axes, grid, method=method, label_values=info["label_values"], extras=extras,
+                         attrs={"merge": method, "axes": list(axes)}, voxel_size=info.get("voxel_size"),
+                         progress=progress)
+        except OSError as exc:
+            if isinstance(exc, VolsegError):
+                raise
+            raise WriteFailedError(f"{out}: writing the merged outputs failed ({exc.strerror or exc}); they stay "
+                                   "marked incomplete and the per-axis probabilities are untouched: fix the cause "
+                                   "(e.g. free disk space) and run `volseg merge` again") from exc
         set_status(group, merge=method, outputs=list(extras))
         if not keep_probabilities:
             shutil.rmtree(out / "probabilities", ignore_errors=True)

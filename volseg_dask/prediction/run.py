@@ -42,7 +42,14 @@ import zarr
 
 from ..cluster import active_client, compute
 from ..config import PredictSettings, Settings
-from ..errors import OutputExistsError, VolsegError, WriteFailedError
+from ..errors import (
+    IncompleteOutputError,
+    OutputExistsError,
+    VolsegError,
+    VolumeFormatError,
+    VolumeValueError,
+    WriteFailedError,
+)
 from ..io.volume import open_volume, volume_voxel_size
 from ..labels import label_dtype
 from ..ngff import create_multiscale, finish_multiscale
@@ -58,7 +65,7 @@ from ..outputs import (
 from .inference import SlabSpec
 from .merging import write_merged
 from .plan import Plan, plan_prediction
-from .tasks import block_task, fused_task
+from .tasks import block_task, done_marker, fused_task
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +179,51 @@ def _create_arrays(group: zarr.Group, plan: Plan) -> None:
                                 "voxel_size": [v * grid.factor for v in voxel_size] if voxel_size else None})
 
 
+def _finish(group: zarr.Group, plan: Plan, progress: bool | str) -> None:
+    """After the block tasks: the merge (or, fused, the pyramids), the per-axis arrays marked complete."""
+    out, voxel_size = plan.output, volume_voxel_size(plan.volume)
+    if plan.settings.fused:
+        for name in ("labels", *plan.extras):
+            finish_multiscale(group, name, voxel_size=voxel_size, progress=progress is True)
+        return
+    for axis in plan.axes:
+        mark_complete(group[f"probabilities/{axis}"])
+    write_merged(group, out, plan.axes, plan.grid, method=plan.settings.merge, label_values=plan.label_values,
+                 extras=plan.extras, attrs={"merge": plan.settings.merge, "axes": list(plan.axes),
+                                            "input": plan.volume, "model": plan.model},
+                 voxel_size=voxel_size, progress=progress)
+    set_status(group, axes_done=list(plan.axes))
+    if not plan.settings.keep_probabilities:
+        shutil.rmtree(out / "probabilities", ignore_errors=True)
+        set_status(group, probabilities_deleted=True)
+
+
+def _check_done(plan: Plan, units: int) -> None:
+    """Every block (block-axis) has its done-marker: an output deleted or changed under a running prediction
+    loses some, and must not be finished as if it were whole."""
+    names = ["fused"] if plan.settings.fused else [f"probabilities-{axis}" for axis in plan.axes]
+    blocks = len(plan.grid.indices())
+    found = sum(sum(1 for index in plan.grid.indices() if done_marker(plan.output, name, index).exists())
+                for name in names)
+    if not (plan.output / "zarr.json").exists():
+        raise _write_failed(plan.output, None)
+    if found != blocks * len(names):
+        raise IncompleteOutputError(f"{plan.output}: {units - found} of {units} block results are missing after the "
+                                    "run (was the output changed while it ran?); it stays marked incomplete: rerun the "
+                                    "same command to compute them")
+
+
+def _write_failed(out: Path, exc: OSError | None) -> WriteFailedError:
+    """The error for a write that failed (``exc``) or an output that vanished, saying what is kept."""
+    if exc is None or not (out / "zarr.json").exists():
+        return WriteFailedError(f"{out}: the output folder disappeared while the prediction ran (was it deleted?); "
+                                "nothing of it can be used: run the command again (with --overwrite if parts of the "
+                                "folder were recreated)")
+    return WriteFailedError(
+        f"{out}: writing failed ({exc.strerror or exc}); every finished block is kept and the output stays marked "
+        "incomplete: fix the cause (e.g. free disk space) and rerun the same command to resume")
+
+
 def _tasks(plan: Plan) -> list[Any]:
     vol, out, spec, grid = plan.volume, str(plan.output), plan.spec, plan.grid
     if plan.settings.fused:
@@ -238,33 +290,20 @@ def predict(
                  f" at 1/{grid.factor} resolution" if grid.factor > 1 else "",
                  " [fused]" if plan.settings.fused else "")
         # resources also go to the client directly: graph optimisation may drop annotations
+        extra: dict[str, Any] = {"resources": resources} if resources else {}
         try:
-            extra: dict[str, Any] = {"resources": resources} if resources else {}
             counts = compute(*tasks, progress=progress, label="predict", **extra)
+            computed = int(sum(counts))
+            skipped = units - computed
+            _check_done(plan, units)
+            _finish(group, plan, progress)
+        except (VolumeFormatError, VolumeValueError) as exc:  # the input, met by a task
+            raise type(exc)(f"{exc}; the blocks finished before are kept: fix the input and rerun the same "
+                            "command to resume") from exc
         except OSError as exc:
             if isinstance(exc, VolsegError):
                 raise
-            raise WriteFailedError(
-                f"{out}: writing failed ({exc.strerror or exc}); every finished block is kept and the output stays "
-                "marked incomplete: fix the cause (e.g. free disk space) and rerun the same command to resume"
-            ) from exc
-        computed = int(sum(counts))
-        skipped = units - computed
-        voxel_size = volume_voxel_size(plan.volume)
-        if plan.settings.fused:
-            for name in ("labels", *plan.extras):
-                finish_multiscale(group, name, voxel_size=voxel_size, progress=progress is True)
-        else:
-            for axis in plan.axes:
-                mark_complete(group[f"probabilities/{axis}"])
-            write_merged(group, out, plan.axes, grid, method=plan.settings.merge, label_values=plan.label_values,
-                         extras=plan.extras, attrs={"merge": plan.settings.merge, "axes": list(plan.axes),
-                                                    "input": plan.volume, "model": plan.model},
-                         voxel_size=voxel_size, progress=progress)
-            set_status(group, axes_done=list(plan.axes))
-            if not plan.settings.keep_probabilities:
-                shutil.rmtree(out / "probabilities", ignore_errors=True)
-                set_status(group, probabilities_deleted=True)
+            raise _write_failed(out, exc) from exc
         shutil.rmtree(out / ".volseg", ignore_errors=True)
         seconds = time.perf_counter() - t0
         mark_complete(group, blocks_done=units, blocks_computed=computed, blocks_skipped=skipped,
