@@ -67,12 +67,14 @@ def write_volumetric_tiff(path: Path, npy: Path, compression: str | None) -> flo
 def _run(tree: Path, src: Path, dst: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(REPO)])}
     res = run_measured([sys.executable, "-m", "benchmarks.bench_tiff", "--child", str(src), str(dst)],
-                       env=env, cwd=REPO, timeout=3600)
+                       env=env, cwd=tree, timeout=3600)  # -m puts the cwd first on sys.path
     shutil.rmtree(dst, ignore_errors=True)
     if res["returncode"] != 0:
         raise SystemExit(f"child on {src} with {tree} failed ({res['returncode']}):\n{res['output']}")
-    last = [line for line in res["output"].splitlines() if line.startswith("{")][-1]
-    return {"peak_rss_mb": res["peak_rss_mb"], **json.loads(last)}
+    last = json.loads([line for line in res["output"].splitlines() if line.startswith("{")][-1])
+    if Path(last["package"]).parent != tree:
+        raise SystemExit(f"the child imported {last['package']}, not the one in {tree}")
+    return {"peak_rss_mb": res["peak_rss_mb"], **last}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(*args.child)), flush=True)
         return 0
+    if args.tree is None:
+        args.tree = [f"this={REPO}"]
 
-    trees = dict(t.split("=", 1) for t in (args.tree or [f"this={REPO}"]))
+    trees = dict(t.split("=", 1) for t in args.tree)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.workdir or default_workdir(), prefix="bench_tiff_") as tmp:
         work = Path(tmp)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numcodecs
@@ -140,8 +141,15 @@ def test_series_of_4d_pages_reads_as_flat_planes(tmp_path):
     np.testing.assert_array_equal(reader[4:12, 3:33, 7:50], data.reshape(15, 40, 50)[4:12, 3:33, 7:50])
 
 
-def _read_region(reader: TiffStackReader, z0: int) -> np.ndarray:
-    return reader[z0:z0 + 9, 11:60, 3:77]
+def _read_region(reader: TiffStackReader, z0: int) -> tuple[np.ndarray, bool]:
+    """A region, and whether the file it came through was opened by this process."""
+    block = reader[z0:z0 + 9, 11:60, 3:77]
+    return block, reader._open is not None and reader._open[0] == os.getpid()
+
+
+def _read_in_child(reader: TiffStackReader, z0: int, send: Any) -> None:
+    send.send(_read_region(reader, z0))
+    send.close()
 
 
 def test_reader_pickles_and_each_process_opens_its_own_file(tmp_path, vol):
@@ -153,14 +161,24 @@ def test_reader_pickles_and_each_process_opens_its_own_file(tmp_path, vol):
     copy = pickle.loads(pickle.dumps(reader))
     assert copy._open is None
     np.testing.assert_array_equal(copy[2:30, 5:50, 1:88], vol[2:30, 5:50, 1:88])
-    # forked children inherit the open file (and its offset): each must open its own
-    starts = [0, 7, 14, 21, 28] * 4
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        got = pool.starmap(_read_region, [(reader, z) for z in starts])
-    for z0, block in zip(starts, got):
+    # forked children inherit the reader with its open file (and the file offset): each must open its own
+    fork = multiprocessing.get_context("fork")
+    starts, children = [0, 7, 14, 21, 28], []
+    for z0 in starts:
+        receive, send = fork.Pipe(duplex=False)
+        child = fork.Process(target=_read_in_child, args=(reader, z0, send))  # inherited, not pickled
+        child.start()
+        children.append((child, receive))
+    np.testing.assert_array_equal(reader[:, :, :], vol)  # the parent reads meanwhile
+    for z0, (child, receive) in zip(starts, children):
+        block, own = receive.recv()
+        child.join(60)
         np.testing.assert_array_equal(block, vol[z0:z0 + 9, 11:60, 3:77])
+        assert own, "a forked child read through its parent's open file"
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # pickled to a fresh interpreter
-        np.testing.assert_array_equal(pool.apply(_read_region, (reader, 3)), vol[3:12, 11:60, 3:77])
+        block, own = pool.apply(_read_region, (reader, 3))
+    np.testing.assert_array_equal(block, vol[3:12, 11:60, 3:77])
+    assert own and reader._open is not None and reader._open[0] == os.getpid()
 
 
 def test_convert_on_a_distributed_cluster(tmp_path, vol):

@@ -65,7 +65,7 @@ class TiffStackReader(Reader):
                 f"{path}: its TIFF series has shape {self.store_shape}, which does not read as {self.shape}; "
                 "save one 3D stack (z, y, x) per file"
             )
-        self._lock = threading.Lock()
+        self._lock, self._lock_pid = threading.Lock(), os.getpid()
         self._open: tuple[int, Any, Any] | None = None  # (pid, TiffFile, zarr array)
 
     @property
@@ -86,10 +86,15 @@ class TiffStackReader(Reader):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock, self._lock_pid = threading.Lock(), os.getpid()
 
     def _array(self) -> Any:
         pid = os.getpid()
+        state = self._open
+        if state is not None and state[0] == pid:
+            return state[2]
+        if self._lock_pid != pid:  # a forked child: its copy of the lock may have been held at the fork
+            self._lock, self._lock_pid = threading.Lock(), pid
         with self._lock:
             if self._open is None or self._open[0] != pid:
                 tf, array = _open_store(self.path)
