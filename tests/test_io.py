@@ -81,6 +81,18 @@ def test_reads_follow_the_format_unit(tmp_path, vol):
     assert open_volume(paths["npy"], chunks=(8, 8, 8)).chunksize == (8, 8, 8)
 
 
+def test_fortran_ordered_npy_reads_by_columns(tmp_path, vol):
+    np.save(tmp_path / "f.npy", np.asfortranarray(vol))
+    arr = open_volume(tmp_path / "f.npy", chunks=None)
+    assert arr.chunksize == (40, 48, 56)  # whole columns along z, the axis contiguous in the file
+    np.testing.assert_array_equal(arr.compute(), vol)
+    np.testing.assert_array_equal(arr[3:37, 5:41, 7:50].compute(), vol[3:37, 5:41, 7:50])
+    big = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.uint8, shape=(300, 200, 500),
+                                    fortran_order=True)
+    del big
+    assert open_volume(tmp_path / "g.npy").chunksize == (300, 128, 128)
+
+
 def test_mrc_voxel_size_is_kept(tmp_path, vol):
     paths = _write_all_formats(tmp_path, vol)
     out = convert(paths["mrc"], tmp_path / "m.zarr")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import VolumeFormatError, VolumeNotFoundError
-from .reader import Reader, band_chunks
+from .reader import Reader, band_chunks, grouped_chunks
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,8 @@ class H5Reader(Reader):
         self.path, self.key, self.shape, self.dtype, self.h5chunks = path, key, tuple(shape), np.dtype(dtype), chunks
 
     def natural_chunks(self) -> tuple[int, ...]:
-        if self.h5chunks:
-            # whole HDF5 chunks, grouped up to ~128 along each axis
-            return tuple(min(n, c * max(1, 128 // c)) for n, c in zip(self.shape, self.h5chunks))
+        if self.h5chunks:  # whole HDF5 chunks: h5py decodes only the chunks a region overlaps
+            return grouped_chunks(self.shape, self.h5chunks, self.dtype)
         return band_chunks(self.shape)
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:

@@ -15,7 +15,11 @@ __all__ = ["RawReader", "open_mrc", "open_npy"]
 
 
 class RawReader(Reader):
-    """C-ordered raw voxels at a byte offset (NPY body, MRC data block), read region by region."""
+    """Raw voxels at a byte offset (NPY body, MRC data block, uncompressed TIFF), read region by region.
+
+    C order, or Fortran order (an NPY of a transposed array), read as the C-ordered transpose: the
+    positioned reads follow the axis contiguous in the file either way.
+    """
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype,
                  fortran_order: bool = False, voxel_size: tuple[float, float, float] | None = None,
@@ -24,14 +28,17 @@ class RawReader(Reader):
         self.fortran_order, self.voxel_size, self.kind = fortran_order, voxel_size, kind
 
     def natural_chunks(self) -> tuple[int, ...]:
+        if self.fortran_order:  # full columns along the first axis, the one contiguous in the file
+            return band_chunks(self.shape[::-1])[::-1]
         return band_chunks(self.shape)
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
-        if self.fortran_order:
-            mm = np.memmap(self.path, self.dtype, "r", self.offset, self.shape, order="F")
-            out = np.array(mm[region])
-            del mm
-            return out
+        if self.fortran_order:  # the voxels of an F-ordered array are those of its transpose in C order
+            return np.ascontiguousarray(self._read_c(self.shape[::-1], region[::-1]).T)
+        return self._read_c(self.shape, region)
+
+    def _read_c(self, shape: tuple[int, ...], region: tuple[slice, ...]) -> np.ndarray:
+        """``region`` of the C-ordered voxels of ``shape`` at the offset."""
         # Positioned reads (one per plane) straight into the output, not a memory map: a mapped
         # file's pages count in the resident set as soon as they are touched, and the kernel maps
         # whole page-cache folios around each touched page, so copying a band out of mapped planes
@@ -40,8 +47,8 @@ class RawReader(Reader):
         out = np.empty(tuple(max(0, r.stop - r.start) for r in region), self.dtype)
         if out.size == 0:
             return out
-        lead = max(0, 2 - self.ndim)  # view 0D/1D volumes as one plane of one row
-        shape, region = (1,) * lead + self.shape, (slice(0, 1),) * lead + region
+        lead = max(0, 2 - len(shape))  # view 0D/1D volumes as one plane of one row
+        shape, region = (1,) * lead + shape, (slice(0, 1),) * lead + region
         ys, xs, row = region[-2], region[-1], shape[-1]
         rows, width = ys.stop - ys.start, xs.stop - xs.start
         span = (rows - 1) * row + width  # voxels from the region's first to its last in one plane

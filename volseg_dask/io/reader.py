@@ -16,14 +16,14 @@ import numpy as np
 
 from ..errors import VolsegError, VolumeFormatError
 
-__all__ = ["HDF5_SUFFIXES", "MRC_SUFFIXES", "TIFF_SUFFIXES", "Reader", "band_chunks", "is_zarr_dir",
-           "planes_per_read", "split_key"]
+__all__ = ["HDF5_SUFFIXES", "MRC_SUFFIXES", "TIFF_SUFFIXES", "Reader", "band_chunks", "grouped_chunks",
+           "is_zarr_dir", "split_key"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".he5")
 MRC_SUFFIXES = (".mrc", ".rec", ".map", ".st", ".mrcs", ".ali")
 _KEYED = re.compile(r"^(?P<file>.*?(?:\.h5|\.hdf5|\.hdf|\.nxs|\.he5|\.zarr))(?::(?P<key>.*))?$", re.IGNORECASE)
-_SLAB_BYTES = 64 * 2**20  # target size of a plane-wise read (TIFF)
+_GROUP_BYTES = 64 * 2**20  # the most a task groups of a format's read units (TIFF strips, HDF5 chunks)
 
 
 # ---- paths -----------------------------------------------------------------------------------
@@ -97,8 +97,17 @@ def band_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (min(shape[0], 128), min(shape[1], 128), shape[2])
 
 
-def planes_per_read(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    """Whole planes per read of a plane-wise format: up to 128, about 64 MB."""
-    plane = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-    return int(max(1, min(shape[0], 128, _SLAB_BYTES // max(plane, 1))))
+def grouped_chunks(shape: tuple[int, ...], unit: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """Whole read units (stored chunks, tiles or strips) grouped up to ~128 voxels per axis and ~64 MB.
 
+    Along each axis the group holds as many whole units as fit in 128 voxels (one at least), clipped
+    to the volume. A group still over 64 MB (units of whole planes: strips of wide TIFF planes, HDF5
+    chunks of one plane) is cut back along the leading axes first, to one unit at the least, so a
+    task of 2520² float32 planes holds 2 planes, not 128.
+    """
+    unit = tuple(max(1, min(n, int(c))) for n, c in zip(shape, unit))
+    group = [min(n, c * max(1, 128 // c)) for n, c in zip(shape, unit)]
+    for axis, c in enumerate(unit):
+        rest = int(np.prod(group[:axis] + group[axis + 1:])) * np.dtype(dtype).itemsize
+        group[axis] = min(group[axis], max(c, _GROUP_BYTES // max(rest, 1) // c * c))
+    return tuple(group)

@@ -3,7 +3,7 @@
 Supported inputs (``open_volume``):
 
 ==========================  =============================================================
-``vol.tif`` / ``.tiff``      multi-page (or 3D) TIFF
+``vol.tif`` / ``.tiff``      multi-page or volumetric (one tiled 3D page) TIFF
 ``slices/``                  a folder of 2D TIFF slices, sorted naturally (``s2`` < ``s10``)
 ``file.h5:/group/data``      HDF5 dataset (``.h5 .hdf5 .hdf .nxs``); no key: the first 3D dataset
 ``vol.npy``                  NumPy file, read region by region
@@ -90,7 +90,8 @@ def open_volume(
         array (``outputs.zarr`` or ``outputs.zarr/path/in/group``); see the module docstring.
     chunks
         Dask chunks; default: the format's natural read unit (stored chunks for Zarr and HDF5,
-        whole planes for TIFF, ``128 x 128 x full rows`` for NPY/MRC).
+        a TIFF's own tiles or strips, grouped; ``128 x 128 x full rows`` for NPY, MRC and
+        uncompressed contiguous TIFF).
     ndim
         Number of dimensions required (3 for volumes).
 
