@@ -50,12 +50,16 @@ class TestSlurm:
         self.pids: list[tuple[str, int]] = []
         self._saved_conf: str | None = None
         self.running = False
+        self.skip_reason = ""
 
     def start(self) -> TestSlurm:
+        if self.skip_reason:  # tried before in this session: no second apt-get
+            pytest.skip(self.skip_reason)
         proc = subprocess.run(["bash", str(HERE / "start.sh"), str(self.state)], capture_output=True, text=True,
                               timeout=600)
         if proc.returncode == SKIP:
-            pytest.skip(proc.stderr.strip().splitlines()[-1])
+            self.skip_reason = proc.stderr.strip().splitlines()[-1]
+            pytest.skip(self.skip_reason)
         if proc.returncode != 0:
             pytest.fail(f"tests/slurm/start.sh failed (exit {proc.returncode}):\n{proc.stderr}", pytrace=False)
         assert proc.stdout.strip().splitlines()[-1] == str(self.conf)
@@ -76,7 +80,10 @@ class TestSlurm:
             env = _environ(int(entry.name))
             if env.get("SLURM_CONF") != str(self.conf):
                 continue
-            comm = (entry / "comm").read_text().strip() if (entry / "comm").exists() else "?"
+            try:
+                comm = (entry / "comm").read_text().strip()
+            except OSError:  # gone meanwhile
+                continue
             if (comm == "slurmstepd" or "SLURM_JOB_ID" in env) and _alive(int(entry.name), comm):
                 left.append(f"{comm} ({entry.name}, job {env.get('SLURM_JOB_ID', '?')})")
         return left

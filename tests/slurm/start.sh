@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Start a throw-away one-node SLURM (slurmctld + slurmd, munged when none runs) for the tests.
+# Start a throw-away one-node SLURM (munged, slurmctld, slurmd) for the tests.
 #
 #   tests/slurm/start.sh STATE_DIR      # prints the path of STATE_DIR/slurm.conf (export it as SLURM_CONF)
 #   tests/slurm/stop.sh  STATE_DIR      # cancels the jobs, stops exactly the daemons started here
 #
 # Debian's slurm-wlm and munge are installed with apt-get when absent. Config, state, spool, logs and
-# pid files all live in STATE_DIR (munged keeps its socket in /run/munge, where slurm looks for it);
+# pid files all live in STATE_DIR, but for munged's socket, seed and log in a folder of /run/munge of its own;
 # STATE_DIR/pids lists "NAME PID" for every daemon this script started: stop.sh kills those and no other.
 # Exit codes: 0 running; 77 SLURM cannot be installed here (one line on stderr says why: the tests skip);
 # anything else is a failure (logs on stderr).
@@ -20,15 +20,16 @@ state=$(cd "$state" && pwd)
 skip() { echo "SLURM unavailable: $*" >&2; exit "$SKIP"; }
 
 # ---- install ---------------------------------------------------------------------------------
-missing() { for b in slurmctld slurmd sinfo sbatch munged mungekey; do command -v "$b" >/dev/null || return 0; done; return 1; }
+missing() { for b in slurmctld slurmd sinfo sbatch munged mungekey munge unmunge; do command -v "$b" >/dev/null || return 0; done; return 1; }
 if missing; then
     [ "$(id -u)" -eq 0 ] || skip "slurm-wlm/munge are not installed and installing them needs root (uid $(id -u))"
     command -v apt-get >/dev/null || skip "slurm-wlm/munge are not installed and there is no apt-get"
     export DEBIAN_FRONTEND=noninteractive
     log=$state/apt-get.log
-    if ! apt-get install -y -q slurm-wlm munge >"$log" 2>&1; then
+    apt=(apt-get -y -q -o DPkg::Lock::Timeout=120)  # wait for another apt/dpkg rather than fail
+    if ! "${apt[@]}" install slurm-wlm munge >"$log" 2>&1; then
         # the package lists may be missing or stale: refresh once and retry
-        if ! { apt-get update -q && apt-get install -y -q slurm-wlm munge; } >>"$log" 2>&1; then
+        if ! { "${apt[@]}" update && "${apt[@]}" install slurm-wlm munge; } >>"$log" 2>&1; then
             skip "apt-get install slurm-wlm munge failed: $(grep -E '^(E|W):' "$log" | tail -n 1 || tail -n 1 "$log")"
         fi
     fi
@@ -59,29 +60,34 @@ free_port_pair() {  # two consecutive free ports, away from the defaults (6817/6
 : >"$state/pids"
 
 # ---- munge -----------------------------------------------------------------------------------
-if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    echo "start.sh: using the munged already running on this machine" >&2
-else
-    [ "$(id -u)" -eq 0 ] || skip "no munged is running and starting one needs root (uid $(id -u))"
-    install -d -o munge -g munge -m 0755 /run/munge
-    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
-    install -d -m 0755 /etc/munge && chown munge:munge /etc/munge && chmod 0700 /etc/munge
-    if [ ! -s /etc/munge/munge.key ]; then
-        mungekey --create --keyfile=/etc/munge/munge.key
-        chown munge:munge /etc/munge/munge.key
-        chmod 0600 /etc/munge/munge.key
-    fi
-    # setpriv execs (no fork), so $! is munged itself
-    setsid setpriv --reuid=munge --regid=munge --init-groups munged --foreground \
-        </dev/null >"$state/munged.out" 2>&1 &
-    record munged $!
-    for _ in $(seq 100); do
-        munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break
-        kill -0 "$!" 2>/dev/null || fail "munged exited"
-        sleep 0.1
-    done
-    munge -n | unmunge >/dev/null 2>&1 || fail "munged does not answer on /run/munge/munge.socket.2"
+# A munged of our own, on its own socket in /run/munge/<name>/ (munged wants a munge-owned folder, and
+# the state folder may not be reachable for the munge user), so that a site's munged, or another test
+# cluster's, is neither used nor stopped by us. The key is the machine's (made here if there is none).
+[ "$(id -u)" -eq 0 ] || skip "starting munged, slurmctld and slurmd needs root (uid $(id -u))"
+install -d -o munge -g munge -m 0755 /run/munge
+install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
+install -d -m 0700 -o munge -g munge /etc/munge
+if [ ! -s /etc/munge/munge.key ]; then
+    mungekey --create --keyfile=/etc/munge/munge.key
+    chown munge:munge /etc/munge/munge.key
+    chmod 0600 /etc/munge/munge.key
 fi
+mdir=$(mktemp -d /run/munge/volseg-test.XXXXXX)
+chown munge:munge "$mdir"
+chmod 0755 "$mdir"
+echo "$mdir" >"$state/munge-dir"   # stop.sh removes it
+socket=$mdir/munge.socket
+# setpriv execs (no fork), so $! is munged itself
+setsid setpriv --reuid=munge --regid=munge --init-groups munged --foreground --socket="$socket" \
+    --pid-file="$mdir/munged.pid" --seed-file="$mdir/munged.seed" --log-file="$mdir/munged.log" \
+    </dev/null >"$state/munged.out" 2>&1 &
+record munged $!
+for _ in $(seq 100); do
+    munge -S "$socket" -n 2>/dev/null | unmunge -S "$socket" >/dev/null 2>&1 && break
+    kill -0 "$!" 2>/dev/null || fail "munged exited: $(cat "$state/munged.out")"
+    sleep 0.1
+done
+munge -S "$socket" -n | unmunge -S "$socket" >/dev/null 2>&1 || fail "munged does not answer on $socket"
 
 # ---- slurm.conf ------------------------------------------------------------------------------
 node=$(hostname -s)
@@ -100,6 +106,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket=$socket
 StateSaveLocation=$state/ctld
 SlurmdSpoolDir=$state/spool
 SlurmctldPidFile=$state/slurmctld.pid

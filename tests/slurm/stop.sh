@@ -49,3 +49,9 @@ left=""
 while read -r name pid; do alive "$pid" "$name" && left="$left $name($pid)"; done <"$pids"
 [ -z "$left" ] || { echo "stop.sh: still running:$left" >&2; exit 1; }
 mv "$pids" "$pids.stopped"
+# munged's private folder (socket, seed, log), made by start.sh under /run/munge
+if [ -e "$state/munge-dir" ]; then
+    mdir=$(cat "$state/munge-dir")
+    case "$mdir" in /run/munge/volseg-test.*) rm -rf -- "$mdir" ;; esac
+    rm -f "$state/munge-dir"
+fi
