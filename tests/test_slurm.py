@@ -24,7 +24,7 @@ import volseg_dask as vs
 from .midrun import Background, assert_same, done_markers, wait_for
 from .slurm_cluster import TestSlurm
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.distributed
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "slurm_predict.py"
 SOURCE = Path(vs.__file__).resolve().parent.parent  # the volseg_dask under test: the jobs import this one
@@ -63,31 +63,38 @@ def slurm_session(tmp_path_factory):
         pytest.fail(f"the test SLURM left processes running: {', '.join(left)}", pytrace=False)
 
 
+def _ready(slurm: TestSlurm) -> TestSlurm:
+    if not slurm.running:
+        slurm.start()
+    return slurm
+
+
+def _no_jobs_left(slurm: TestSlurm) -> None:
+    """The example's `with cluster` cancels its jobs on the way out: none may outlive a test."""
+    if not slurm.running:
+        return
+    try:
+        wait_for(lambda: not slurm.squeue(), 30, "the test's jobs to leave the queue", interval=0.2)
+    except TimeoutError:
+        left = slurm.squeue()
+        subprocess.run(["scancel", *left], timeout=30)  # this test cluster's jobs, so the next test starts clean
+        pytest.fail(f"jobs outlived the test: {left}", pytrace=False)
+
+
 @pytest.fixture
 def slurm(slurm_session):
-    if not slurm_session.running:
-        slurm_session.start()
-    yield slurm_session
-    if slurm_session.running:  # the example's `with cluster` cancels its jobs on the way out
-        try:
-            wait_for(lambda: not slurm_session.squeue(), 60, "the test's jobs to leave the queue", interval=0.2)
-        except TimeoutError:
-            pytest.fail(f"jobs outlived the test: {slurm_session.squeue()}", pytrace=False)
+    yield _ready(slurm_session)
+    _no_jobs_left(slurm_session)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model):
-    """Two synthetic volumes and their threaded predictions (the references): 48³ (27 blocks) for the
-    plain run, 64³ (64 blocks, 192 block tasks) for the runs that lose a worker on the way."""
+    """A 64³ synthetic volume (64 blocks, 192 block tasks) and its threaded prediction (the reference)."""
     root = tmp_path_factory.mktemp("slurm-data")
-    world = {"model": tiny_model}
-    for size in (48, 64):
-        image, _ = vs.write_demo_data(root / f"v{size}", size, seed=size, chunks=16)
-        with dask.config.set(scheduler="threads"):
-            ref = vs.predict(image, tiny_model, root / f"threads{size}.zarr", _settings())
-        world[size] = (image, ref.output, 3 * -(-size // CHUNKS) ** 3)
-        world[f"seconds{size}"] = ref.seconds
-    return world
+    image, _ = vs.write_demo_data(root / "v64", 64, seed=64, chunks=16)
+    with dask.config.set(scheduler="threads"):
+        ref = vs.predict(image, tiny_model, root / "threads.zarr", _settings())
+    return {"model": tiny_model, "image": image, "ref": ref.output, "total": 3 * (64 // CHUNKS) ** 3}
 
 
 def _worker_log(logs: Path, job: str) -> str:
@@ -95,54 +102,72 @@ def _worker_log(logs: Path, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_two_slurm_jobs_predict_like_threads(slurm, world, tmp_path):
-    """make_cluster of the example, scaled to 2 jobs: both workers compute blocks; the result equals threads."""
+@pytest.fixture(scope="module")
+def plain_run(slurm_session, world, tmp_path_factory):
+    """make_cluster of the example scaled to 2 jobs, and vs.predict on it: what it did, and when (the run
+    without incidents that test_workers_retired_by_lifetime_lose_nothing sizes its lifetime by)."""
+    import time
+
     from distributed import Client, get_task_stream
 
-    image, ref, total = world[48]
+    slurm = _ready(slurm_session)
+    root = tmp_path_factory.mktemp("plain")
     example = _example()
-    args = example.parse_args(["in", "model", "out", *_job_options(tmp_path / "logs"), "--lifetime", ""])
+    args = example.parse_args(["in", "model", "out", *_job_options(root / "logs"), "--lifetime", ""])
     cluster = example.make_cluster(**example.cluster_options(args))
-    script = cluster.job_script()
-    assert "#SBATCH -p debug" in script and "--gres" not in script and "GPU=1" not in script
+    run = {"script": cluster.job_script()}
     with cluster, Client(cluster) as client:
         cluster.scale(jobs=2)
         client.wait_for_workers(2, timeout=120)
-        jobs = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
-        assert len(set(jobs.values())) == 2 and set(jobs.values()) <= set(slurm.squeue("RUNNING")), jobs
-        where = client.run(lambda: __import__("volseg_dask").__file__)  # the prologue's PYTHONPATH reached them
-        assert set(where.values()) == {vs.__file__}, where
+        run["joined"] = time.time()
+        run["jobs"] = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
+        run["running"] = slurm.squeue("RUNNING")
+        run["imports"] = client.run(lambda: __import__("volseg_dask").__file__)
         with get_task_stream(client) as stream:
-            result = vs.predict(image, world["model"], tmp_path / "seg.zarr", _settings())
-    assert result.blocks_computed == total
-    ran = [t["worker"] for t in stream.data if str(t["key"]).startswith("predict-")]
-    assert len(ran) == total and len(set(ran)) == 2  # both SLURM jobs did part of the work
-    assert_same(result.output, ref)
+            run["result"] = vs.predict(world["image"], world["model"], root / "seg.zarr", _settings())
+        run["done"] = time.time()
+    run["tasks"] = [t for t in stream.data if str(t["key"]).startswith("predict-")]
+    _no_jobs_left(slurm)
+    return run
+
+
+def test_two_slurm_jobs_predict_like_threads(plain_run, world):
+    """make_cluster of the example, scaled to 2 jobs: both workers compute blocks; the result equals threads."""
+    run = plain_run
+    assert "#SBATCH -p debug" in run["script"] and "--gres" not in run["script"] and "GPU=1" not in run["script"]
+    jobs = set(run["jobs"].values())
+    assert len(jobs) == 2 and jobs <= set(run["running"]), run["jobs"]
+    assert set(run["imports"].values()) == {vs.__file__}, run["imports"]  # the prologue's PYTHONPATH reached them
+    assert run["result"].blocks_computed == world["total"]
+    workers = [t["worker"] for t in run["tasks"]]
+    assert len(workers) == world["total"] and len(set(workers)) == 2  # both SLURM jobs did part of the work
+    assert_same(run["result"].output, world["ref"])
 
 
 def test_cancelled_job_is_replaced_and_nothing_is_lost(slurm, world, tmp_path):
     """scancel of one worker's job once some blocks are done: adapt(2, 2) submits a new job, whose worker
     joins while the prediction runs, and the result equals the threaded one. (No --preload: a worker joins
     before it imports torch, so the replacement joins soon after the cancel.)"""
-    image, ref, total = world[64]
+    image, ref, total = world["image"], world["ref"], world["total"]
     out, logs = tmp_path / "seg.zarr", tmp_path / "logs"
 
     def cancel_one(cancel):
         first = wait_for(lambda: len(slurm.squeue("RUNNING")) == 2 and slurm.squeue("RUNNING"), 120,
-                         "2 running jobs", interval=0.2, cancel=cancel)
-        wait_for(lambda: done_markers(out) >= total // 8, 120, "the first blocks", cancel=cancel)
+                         "2 running jobs", interval=0.5, cancel=cancel)
+        wait_for(lambda: done_markers(out) >= total // 8, 120, "the first blocks", interval=0.05, cancel=cancel)
         victim = sorted(first)[0]
         subprocess.run(["scancel", victim], check=True, timeout=30)
         done_at_kill = done_markers(out)
-        new = wait_for(lambda: set(slurm.squeue("RUNNING")) - set(first), 120, "a replacement job", interval=0.2,
+        new = wait_for(lambda: set(slurm.squeue("RUNNING")) - set(first), 120, "a replacement job", interval=0.5,
                        cancel=cancel)
-        (job,) = new
-        wait_for(lambda: "Registered to" in _worker_log(logs, job), 120, "the replacement worker", interval=0.1,
-                 cancel=cancel)
-        return victim, done_at_kill, done_markers(out), job
+        joined = wait_for(lambda: [j for j in sorted(new) if "Registered to" in _worker_log(logs, j)], 120,
+                          "the replacement worker", interval=0.1, cancel=cancel)
+        return victim, done_at_kill, done_markers(out), joined[0]
 
     chaos = Background(cancel_one)
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s", "distributed.scheduler.worker-ttl": "5s"}):
+    # a cancelled job's worker is gone at once (its connection closes): adapt replaces it after the
+    # lost-worker-timeout; worker-ttl, for a worker that hangs instead, is kept well above a busy worker's pauses
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s", "distributed.scheduler.worker-ttl": "30s"}):
         chaos.start()
         _example().main([str(image), str(world["model"]), str(out), *_job_options(logs),
                          "--jobs", "2", "--min-jobs", "2", "--lifetime", "", "--preload", ""])
@@ -153,23 +178,29 @@ def test_cancelled_job_is_replaced_and_nothing_is_lost(slurm, world, tmp_path):
     assert_same(out, ref)
 
 
-def test_workers_retired_by_lifetime_lose_nothing(slurm, world, tmp_path):
+def test_workers_retired_by_lifetime_lose_nothing(slurm, world, plain_run, tmp_path):
     """--lifetime with --lifetime-stagger: workers leave mid-run, adapt starts new jobs; nothing is lost.
 
-    The lifetime is sized to this machine: the 2 workers need about as long for the blocks as the threaded
-    reference took (t), after ~2 s for planning and loading the model (--preload, the default, imports torch
-    before the lifetime starts), so they retire after 2 + t/2 ± t/4 seconds: after some blocks, before the last.
+    The lifetime is sized by the plain run of the same prediction on this SLURM: its workers had finished
+    their first block `w` seconds after joining and the last one `c` seconds after (--preload, the default,
+    imports torch before the lifetime starts). These retire 50-70 % into the blocks, and their replacements,
+    with as long a lifetime, have time for the rest (on a machine slower now, a third pair takes over).
     """
-    image, ref, total = world[64]
-    t = world["seconds64"]
-    lifetime, stagger = f"{2 + t / 2:.1f}s", f"{t / 4:.1f}s"
+    image, ref, total = world["image"], world["ref"], world["total"]
+    first_done = {}
+    for t in plain_run["tasks"]:
+        stop = max(s["stop"] for s in t["startstops"])
+        first_done[t["worker"]] = min(first_done.get(t["worker"], stop), stop)
+    w = max(first_done.values()) - plain_run["joined"]
+    c = plain_run["done"] - plain_run["joined"]
+    lifetime, stagger = f"{w + 0.6 * (c - w):.1f}s", f"{0.1 * (c - w):.1f}s"
     out, logs = tmp_path / "seg.zarr", tmp_path / "logs"
 
     def watch_retirements(cancel):
         first = wait_for(lambda: len(slurm.squeue("RUNNING")) == 2 and slurm.squeue("RUNNING"), 120,
-                         "2 running jobs", interval=0.2, cancel=cancel)
-        wait_for(lambda: done_markers(out) > 0, 120, "the first blocks", cancel=cancel)
-        gone = wait_for(lambda: set(first) - set(slurm.squeue()), 120, "a job to end", interval=0.1, cancel=cancel)
+                         "2 running jobs", interval=0.5, cancel=cancel)
+        wait_for(lambda: done_markers(out) > 0, 120, "the first blocks", interval=0.05, cancel=cancel)
+        gone = wait_for(lambda: set(first) - set(slurm.squeue()), 300, "a job to end", interval=0.5, cancel=cancel)
         return gone, done_markers(out)
 
     watch = Background(watch_retirements)
@@ -178,7 +209,7 @@ def test_workers_retired_by_lifetime_lose_nothing(slurm, world, tmp_path):
         _example().main([str(image), str(world["model"]), str(out), *_job_options(logs),
                          "--jobs", "2", "--min-jobs", "2", "--lifetime", lifetime, "--lifetime-stagger", stagger])
     gone, done_when_gone = watch.outcome()
-    assert 0 < done_when_gone < total, done_when_gone
+    assert 0 < done_when_gone < total, (done_when_gone, lifetime, stagger)
     for job in gone:
         assert "worker-lifetime-reached" in _worker_log(logs, job), _worker_log(logs, job)[-2000:]
     assert_same(out, ref)
@@ -197,7 +228,8 @@ def test_stop_cancels_jobs_and_stops_only_its_own_daemons(slurm, tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
         decoys.append(subprocess.Popen([str(tmp_path / name), "300"], env=env))
     try:
-        assert any("sleep" in p for p in slurm.leftovers())  # the job's process counts as ours while it runs
+        # the job's processes count as the cluster's while they run (a job is RUNNING before its script starts)
+        wait_for(lambda: any("sleep" in p for p in slurm.leftovers()), 60, "the job's sleep to start", interval=0.2)
         left = slurm.stop()
         assert left == [], left
         assert all(p.poll() is None for p in decoys), "stop.sh killed a process it did not start"
