@@ -12,7 +12,7 @@ export SLURM_CONF=$state/slurm.conf
 alive() {  # PID NAME: the process is running (not a zombie) and still is NAME
     local stat
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    [ "$(cut -d' ' -f3 <<<"${stat##*) }")" != Z ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ]
+    [ "$(cut -d' ' -f1 <<<"${stat##*) }")" != Z ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ]
 }
 
 # 1. jobs first, while slurmctld and slurmd still run to end them (a job outlives a stopped slurmd)
