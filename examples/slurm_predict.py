@@ -54,7 +54,7 @@ def make_cluster(queue: str = "gpu", account: str | None = None, walltime: str =
     if "gpu" in gres:
         worker_args += ["--resources", "GPU=1"]
     if lifetime:
-        # leave (finishing the current task) before the walltime ends; adapt() starts a replacement
+        # leave gracefully (handing on its results) before the walltime ends; adapt() starts a replacement
         worker_args += ["--lifetime", lifetime, "--lifetime-stagger", lifetime_stagger]
     return SLURMCluster(
         queue=queue,
