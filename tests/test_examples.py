@@ -47,13 +47,26 @@ def test_notebook_runs_top_to_bottom(tiny_output, monkeypatch):
 def test_slurm_recipe_asks_for_one_gpu_per_worker():
     pytest.importorskip("dask_jobqueue")
     module = _load("slurm_predict")
-    cluster = module.make_cluster(jobs=2, queue="gpu", account="proj", walltime="01:00:00", memory="16GB")
+    cluster = module.make_cluster(queue="gpu", account="proj", walltime="01:00:00", memory="16GB")
     try:
         script = cluster.job_script()
     finally:
         cluster.close()
-    assert "#SBATCH --gres=gpu:1" in script
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script and "#SBATCH -A proj" in script
     assert "--resources GPU=1" in script and "--nthreads 1" in script and "--lifetime 55m" in script
+
+
+def test_slurm_recipe_on_cpu_nodes_asks_for_no_gpu():
+    pytest.importorskip("dask_jobqueue")
+    module = _load("slurm_predict")
+    cluster = module.make_cluster(queue="debug", memory="2GB", cores=1, gres="", lifetime=None, python="/opt/py",
+                                  prologue=["export PYTHONPATH=/src"])
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "--gres" not in script and "GPU=1" not in script and "--lifetime" not in script
+    assert "export PYTHONPATH=/src" in script and "/opt/py -m distributed.cli.dask_worker" in script
 
 
 @pytest.mark.distributed
