@@ -9,8 +9,9 @@ give the threaded result bit for bit:
 * a worker frozen (SIGSTOP) inside a block task until the scheduler gives up on it and runs the task
   elsewhere, then woken (SIGCONT) after the prediction finished: the same block task ran twice, the late
   copy writing its chunk and done-marker after the other had, and the chunk is still right;
-* (xfail, a package bug) the same late task, but of an earlier run that ``--overwrite`` replaced with
-  another: it writes its stale chunk into the new, complete output.
+* the same late task, but of an earlier run that ``--overwrite`` replaced with another: it must not
+  write its stale chunk into the new output (block tasks check the output's run key right before each
+  write, and done-markers are kept per run key).
 """
 
 from __future__ import annotations
@@ -118,19 +119,28 @@ def test_worker_retired_for_good_mid_run_loses_nothing(world, tmp_path):
 
 
 PRELOAD = ("segmentation_models_pytorch",)
-KEY = re.compile(r"predict-(?P<axis>[zyx])-(?P<index>\d+)\.(?P<j>\d+)\.(?P<k>\d+)-")
+KEY = re.compile(r"predict-(?P<axes>[zyx]+)-(?P<index>\d+)\.(?P<j>\d+)\.(?P<k>\d+)-(?P<run>[0-9a-f]+)$")
 
 
 def _block(key: str) -> tuple[str, tuple[int, int, int]]:
-    """Axis and block index of a block task key such as ``predict-z-1.0.2-<run key>``."""
+    """First axis and block index of a block task key such as ``predict-zyx-1.0.2-<run key>`` (the task
+    predicts its axes in order: the first axis's chunk and marker are written first)."""
     match = KEY.match(key)
     assert match, f"unexpected task key {key!r}"
-    return match["axis"], (int(match["index"]), int(match["j"]), int(match["k"]))
+    return match["axes"][0], (int(match["index"]), int(match["j"]), int(match["k"]))
 
 
 def _marker(out: Path, key: str) -> Path:
     axis, index = _block(key)
-    return out / ".volseg" / "done" / f"probabilities-{axis}" / ".".join(map(str, index))
+    run = KEY.match(key)["run"]  # type: ignore[index]
+    return out / ".volseg" / "done" / run / f"probabilities-{axis}" / ".".join(map(str, index))
+
+
+def _woken_and_refused(tmp_path: Path, key: str, out: Path) -> None:
+    """The woken task's warning in the zombie's log: it found the output no longer its run's, wrote nothing."""
+    log = tmp_path / "zombie.log"
+    wait_for(lambda: "no longer the output of run" in log.read_text(), 60, f"the late task {key} to give up")
+    assert not _marker(out, key).exists()
 
 
 def _chunk_written(out: Path, key: str) -> bool:
@@ -193,8 +203,8 @@ def _freeze_inside_a_task(client, zombie: subprocess.Popen, address: str, out: P
 
 def test_block_task_run_twice_leaves_a_correct_chunk(world, tmp_path):
     """The zombie, frozen inside a block task (before its done-marker), is dropped by the scheduler, which
-    reruns the task on the other worker; the prediction completes. Woken afterwards, the zombie finishes the
-    same task: it writes the block's chunk (unless it had already) and its marker a second time."""
+    reruns the task on the other worker; the prediction completes. Woken afterwards, the zombie goes on with
+    the same task: it finds the output complete and writes nothing into it."""
     out = tmp_path / "seg.zarr"
     with _cluster_with_a_zombie(tmp_path) as (client, zombie, address):
 
@@ -212,19 +222,13 @@ def test_block_task_run_twice_leaves_a_correct_chunk(world, tmp_path):
         assert 0 < done_at_freeze < world["total"], done_at_freeze
         assert not _marker(out, key).exists()  # the run completed (its markers are cleared) ...
         os.kill(zombie.pid, signal.SIGCONT)  # ... and now the frozen copy of `key` goes on
-        wait_for(lambda: _marker(out, key).exists(), 60, f"the late copy of {key} to finish")
+        _woken_and_refused(tmp_path, key, out)
         zombie.wait(timeout=60)  # it learns that it was dropped, and leaves
         assert_same(result.output, world["ref"])
         vs.merge(out, method="vote", outputs=["disagreement"])
         assert_same(out, world["ref_vote"], MERGED)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "package bug: block tasks are not fenced by the run key. A task of an earlier run that is still running "
-    "(on a worker the scheduler dropped, or after its client died) writes its chunk and done-marker into the "
-    "output after `predict --overwrite` replaced that run with another one, even after the new run was marked "
-    "complete; done-markers are not keyed by the run either, so such a marker can also make the new run skip "
-    "the block"))
 def test_late_task_of_an_overwritten_run_leaves_the_new_output_alone(world, tmp_path):
     """Run A (another model) on the cluster from `volseg predict --scheduler`, its client SIGKILLed while the
     zombie is frozen inside one of A's block tasks before the chunk write; run B with --overwrite completes
@@ -248,7 +252,7 @@ def test_late_task_of_an_overwritten_run_leaves_the_new_output_alone(world, tmp_
         wait_for(lambda: address not in client.scheduler_info()["workers"], 60, "the scheduler to drop the zombie",
                  interval=0.1)
         assert_same(result.output, world["ref"])  # B itself is right ...
-        os.kill(zombie.pid, signal.SIGCONT)  # ... until the frozen task of run A goes on
-        wait_for(lambda: _marker(out, key).exists(), 60, f"the late task {key} of run A to finish")
+        os.kill(zombie.pid, signal.SIGCONT)  # ... and the frozen task of run A goes on
+        _woken_and_refused(tmp_path, key, out)
         zombie.wait(timeout=60)
         assert_same(out, world["ref"])

@@ -127,6 +127,17 @@ def status(node: zarr.Array | zarr.Group) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, Mapping) else None
 
 
+def read_status(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``volseg_dask`` attribute of the Zarr v3 node at ``path``, read from its ``zarr.json`` alone (cheap
+    enough before every chunk write); None when it is missing, unreadable or written by another tool."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    record = (meta.get("attributes") or {}).get(ATTR) if isinstance(meta, Mapping) else None
+    return dict(record) if isinstance(record, Mapping) else None
+
+
 def require_complete(node: zarr.Array | zarr.Group, path: str | Path) -> None:
     """Raise IncompleteOutputError when ``node`` was written by us and not finished."""
     st = status(node)

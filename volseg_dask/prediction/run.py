@@ -198,16 +198,20 @@ def _finish(group: zarr.Group, plan: Plan, progress: bool | str) -> None:
         set_status(group, probabilities_deleted=True)
 
 
+def _count_done(plan: Plan) -> int:
+    """Block-axes (blocks, fused) of this run with their done-marker."""
+    names = ["fused"] if plan.settings.fused else [f"probabilities-{axis}" for axis in plan.axes]
+    return sum(sum(1 for index in plan.grid.indices() if done_marker(plan.output, plan.run_key, name, index).exists())
+               for name in names)
+
+
 def _check_done(plan: Plan, units: int) -> None:
     """Every block (block-axis) has its done-marker: an output deleted or changed under a running prediction
     loses some, and must not be finished as if it were whole."""
-    names = ["fused"] if plan.settings.fused else [f"probabilities-{axis}" for axis in plan.axes]
-    blocks = len(plan.grid.indices())
-    found = sum(sum(1 for index in plan.grid.indices() if done_marker(plan.output, name, index).exists())
-                for name in names)
+    found = _count_done(plan)
     if not (plan.output / "zarr.json").exists():
         raise _write_failed(plan.output, None)
-    if found != blocks * len(names):
+    if found != units:
         raise IncompleteOutputError(f"{plan.output}: {units - found} of {units} block results are missing after the "
                                     "run (was the output changed while it ran?); it stays marked incomplete: rerun the "
                                     "same command to compute them")
@@ -229,10 +233,10 @@ def _tasks(plan: Plan) -> list[Any]:
     if plan.settings.fused:
         fused = dask.delayed(fused_task, pure=False)
         return [fused(vol, out, plan.axes, index, grid, spec, plan.settings.merge, plan.label_values, plan.extras,
-                      dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}")
+                      plan.run_key, dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}")
                 for index in grid.indices()]
     task = dask.delayed(block_task, pure=False)
-    return [task(vol, out, plan.axes, index, grid, spec,
+    return [task(vol, out, plan.axes, index, grid, spec, plan.run_key,
                  dask_key_name=f"predict-{''.join(plan.axes)}-{'.'.join(map(str, index))}-{plan.run_key}")
             for index in grid.indices()]
 
@@ -291,10 +295,10 @@ def predict(
                  " [fused]" if plan.settings.fused else "")
         # resources also go to the client directly: graph optimisation may drop annotations
         extra: dict[str, Any] = {"resources": resources} if resources else {}
+        skipped = _count_done(plan)  # done by an earlier run of this command (resume)
+        computed = units - skipped
         try:
-            counts = compute(*tasks, progress=progress, label="predict", **extra)
-            computed = int(sum(counts))
-            skipped = units - computed
+            compute(*tasks, progress=progress, label="predict", **extra)
             _check_done(plan, units)
             _finish(group, plan, progress)
         except (VolumeFormatError, VolumeValueError) as exc:  # the input, met by a task

@@ -8,6 +8,7 @@ merge task reads one block of each per-axis array and writes each merged output'
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,13 +19,15 @@ import zarr
 from ..errors import VolumeValueError
 from ..grid import AXES, BlockGrid, Region
 from ..memory import trim_memory
-from ..outputs import open_for_writing
+from ..outputs import open_for_writing, read_status
 from .reads import read_downsampled
 from .upsample import region_reader, upsample_region
 from .votes import merge_block
 
 if TYPE_CHECKING:  # the slab function needs torch; merge tasks run without it
     from .inference import SlabSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DONE_DIR", "IN_FLIGHT", "block_context", "block_task", "done_marker", "fused_task", "merge_task",
            "predict_axes", "write_merged_block"]
@@ -59,31 +62,49 @@ def read_block(volume: str, grid: BlockGrid, block: Region, pads: Sequence[tuple
     return data
 
 
-def done_marker(output: Path, name: str, index: Sequence[int]) -> Path:
-    """The file that records block ``index`` of ``name`` as written."""
-    return output / DONE_DIR / name / ".".join(map(str, index))
+def done_marker(output: Path, run_key: str, name: str, index: Sequence[int]) -> Path:
+    """The file that records block ``index`` of ``name`` as written by the run ``run_key``."""
+    return output / DONE_DIR / run_key / name / ".".join(map(str, index))
+
+
+def _still_ours(output: str, run_key: str) -> bool:
+    """Whether ``output`` is still the unfinished output of the run ``run_key``, read just before a write.
+
+    A task of an abandoned run (its client killed, its worker frozen and thawed) may outlive it; when the
+    output was replaced since (``--overwrite``, a finished rerun), it must not write there.
+    """
+    record = read_status(Path(output))
+    return record is not None and record.get("run_key") == run_key and record.get("complete") is False
 
 
 def block_task(volume: str, output: str, axes: Sequence[str], index: tuple[int, ...], grid: BlockGrid,
-               spec: SlabSpec) -> int:
+               spec: SlabSpec, run_key: str) -> int:
     """Predict block ``index`` along each of ``axes`` not done before, from one read of the block and its
     context; write each axis's probability chunk and its done-marker. Returns the block-axes computed."""
     out = Path(output)
-    todo = [a for a in axes if not done_marker(out, f"probabilities-{a}", index).exists()]
+    todo = [a for a in axes if not done_marker(out, run_key, f"probabilities-{a}", index).exists()]
     if not todo:
         return 0
     block = grid.block(index)
     where = (slice(None), *(slice(a, b) for a, b in block))
+    written = 0
     try:
         for axis, probs in predict_axes(volume, todo, block, grid, spec):
+            if not _still_ours(output, run_key):
+                log.warning("%s: no longer the output of run %s; block %s is not written", output, run_key, index)
+                break
             open_for_writing(output, f"probabilities/{axis}")[where] = probs
             del probs
-            marker = done_marker(out, f"probabilities-{axis}", index)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            _mark(done_marker(out, run_key, f"probabilities-{axis}", index))
+            written += 1
     finally:
         trim_memory()
-    return len(todo)
+    return written
+
+
+def _mark(marker: Path) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGrid,
@@ -114,9 +135,9 @@ def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGri
 
 
 def fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...], grid: BlockGrid,
-               spec: SlabSpec, method: str, label_values: list[int], extras: tuple[str, ...]) -> int:
+               spec: SlabSpec, method: str, label_values: list[int], extras: tuple[str, ...], run_key: str) -> int:
     """Predict block ``index`` along every axis, merge, and write its chunk of labels and ``extras``."""
-    marker = done_marker(Path(output), "fused", index)
+    marker = done_marker(Path(output), run_key, "fused", index)
     if marker.exists():
         return 0
     native = grid.native_block(index)
@@ -128,10 +149,12 @@ def fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int
         origin = [a for a, _ in support]
         per_axis = [upsample_region(region_reader(p, origin), native, grid) for p in coarse]
         del coarse
+    if not _still_ours(output, run_key):
+        log.warning("%s: no longer the output of run %s; block %s is not written", output, run_key, index)
+        return 0
     write_merged_block(output, per_axis, tuple(slice(a, b) for a, b in native), method=method,
                        label_values=label_values, outputs=extras)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    _mark(marker)
     return 1
 
 
