@@ -263,6 +263,9 @@ def test_gpu_path_uses_autocast_grad_scaler_and_pinned_memory(small_volume, tmp_
         def update(self):
             seen["scaler"].append("update")
 
+        def state_dict(self):  # checkpoints keep the scaler's state
+            return {"scale": 1.0}
+
     def fake_autocast(device, enabled=True):
         seen["autocast"].append((device.type, enabled))
         return contextlib.nullcontext()
