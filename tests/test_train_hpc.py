@@ -495,3 +495,64 @@ def test_gpu_sized_settings_on_a_cpu_say_how_long_an_epoch_takes(small_volume, t
     # timing a step leaves the run as it was
     assert states_equal(read_model_file(tmp_path / "a.pt")[0], read_model_file(tmp_path / "b.pt")[0]) == []
     assert plain.history[0]["train_loss"] == warned.history[0]["train_loss"]
+
+
+def test_the_slurm_script_starts_torchrun_as_torchrun_and_volseg_parse_it():
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from volseg_dask.cli import train_command
+
+    script = REPO / "examples" / "slurm_train.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    call = script.read_text().split("srun --kill-on-bad-exit=1 torchrun", 1)[1].split("\n\n", 1)[0]
+    values = {"SLURM_JOB_NUM_NODES": "2", "GPUS_PER_NODE": "4", "HEAD": "node01", "SLURM_JOB_ID": "42",
+              "IMAGE": "image.zarr", "LABELS": "labels.zarr", "MODEL": "model.pt", "CONFIG": "train.yaml"}
+    args = shlex.split(re.sub(r"\$(\w+)", lambda m: values[m.group(1)], call.replace("\\\n", " ")))
+    parsed = get_args_parser().parse_args(args)
+    assert (parsed.nnodes, parsed.nproc_per_node, parsed.rdzv_backend) == ("2", "4", "c10d")
+    assert parsed.rdzv_endpoint == "node01:29500" and parsed.rdzv_id == "42" and parsed.module
+    assert parsed.training_script == "volseg_dask.cli" and parsed.training_script_args[0] == "train"
+    ctx = train_command.make_context("train", parsed.training_script_args[1:])
+    assert ctx.params["volumes"] == ("image.zarr", "labels.zarr") and str(ctx.params["output"]) == "model.pt"
+
+
+# ---- where CUDA exists ------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_keeps_the_cuda_rng_and_finishes(small_volume, tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    image, labels = small_volume
+    real = loop_mod.Runner.validate
+    calls = []
+
+    def validate(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(loop_mod.Runner, "validate", validate)
+    out = tmp_path / "m.pt"
+    assert train([(image, labels)], out, settings(epochs=3, device="cuda")).stop_reason == "interrupted"
+    assert "cuda" in torch.load(out.with_suffix(".ckpt"), weights_only=True)["rng"]
+    monkeypatch.setattr(loop_mod.Runner, "validate", real)
+    resumed = train([(image, labels)], out, settings(epochs=3, device="cuda"))
+    assert resumed.attempts == 2 and resumed.epochs_run == 3 and not out.with_suffix(".ckpt").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+def test_torchrun_on_two_gpus_uses_nccl(data, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    image, labels = data
+    config = tmp_path / "s.yaml"
+    settings(epochs=2, batch_size=4, device="auto").save(config)
+    proc = subprocess.run(torchrun("train", str(image), str(labels), "-o", str(tmp_path / "m.pt"), "-c", str(config),
+                                   "-v"), env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes (nccl)" in proc.stderr and read_model_file(tmp_path / "m.pt")[1].training["epochs_run"] == 2

@@ -365,16 +365,19 @@ def train_command(state: _State, volumes: tuple[str, ...], output: Path, config_
         logging.getLogger("volseg_dask").setLevel(logging.ERROR)
     result = api(pairs, output, settings, validation=[(a, b) for a, b in validation] or None, overwrite=overwrite,
                  progress=state.progress and not rank, restart=restart)
-    if rank:
-        return
+    if not rank:
+        _train_summary(result)
+    if result.stop_reason == "interrupted":
+        # the best model so far, not a finished one: a batch script can tell
+        click.get_current_context().exit(143 if _TERMINATED else 130)
+
+
+def _train_summary(result: Any) -> None:
     dice = ", ".join(f"{label}: {'-' if d is None else f'{d:.3f}'}" for label, d in result.val_dice.items())
     lrs = ", ".join(f"{v:.3g}" for v in result.learning_rates)
     click.echo(f"wrote {result.model_path} ({result.epochs_run} epochs, best {result.best_epoch}, stopped: "
                f"{result.stop_reason}; {result.seconds:.0f} s; learning rate {lrs})")
     click.echo(f"validation Dice per label value: {dice or 'n/a (no validation data)'}")
-    if result.stop_reason == "interrupted":
-        # the best model so far, not a finished one: a batch script can tell
-        click.get_current_context().exit(143 if _TERMINATED else 130)
 
 
 @cli.command("models")

@@ -195,12 +195,13 @@ def train(pairs: Sequence[tuple[Any, Any]], output: PathLike, settings: Settings
     device = select_device(settings.train.device)
     with process_group(device, settings.train.distributed_timeout) as dist, contextlib.ExitStack() as stack, \
             _torch_threads(settings.train.torch_threads):
+        device = dist.device(device)  # before any collective: NCCL needs each rank on its own GPU
         with dist.together("checking the inputs"):
             setup = _prepare(pairs, validation, output, settings, overwrite, restart, dist)
             if dist.primary:
                 stack.enter_context(OutputLock(output))
         try:
-            return _train(setup, pairs, validation, dist.device(device), dist, progress)
+            return _train(setup, pairs, validation, device, dist, progress)
         except RuntimeError as exc:
             if not collective_failure(exc, dist):
                 raise
@@ -364,7 +365,7 @@ def _train(setup: _Setup, pairs: Sequence[tuple[Any, Any]], validation: Sequence
                                 "ended; lower train.learning_rate (or narrow train.lr_finder_range)") from None
     except KeyboardInterrupt:
         stop_reason = "interrupted"
-        if runner.best_state is None or not dist.primary:
+        if runner.best_state is None:
             if dist.primary:
                 log.warning("interrupted before the first epoch ended: no model written to %s", output)
             raise
