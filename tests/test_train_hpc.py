@@ -27,13 +27,12 @@ from volseg_dask.errors import ConfigError, ModelFileError, OutputExistsError
 from volseg_dask.models import load_model, read_model_file
 from volseg_dask.normalize import apply
 from volseg_dask.synthetic import make_volume, write_demo_data
-from volseg_dask.training import loop as loop_mod
 from volseg_dask.training import run as run_mod
 from volseg_dask.training import train
 from volseg_dask.training.dataset import EpochSampler
 from volseg_dask.training.distributed import env_ranks, process_group
 
-from .conftest import make_model_file
+from .conftest import interrupt_validation, make_model_file
 
 TINY = {"architecture": "Unet", "encoder": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": [16, 8, 4]}
 """A small network whose every weight trains (resnet18 at depth 3 carries 10 M weights of stages it skips)."""
@@ -239,6 +238,34 @@ def test_the_killed_torchrun_run_resumes_on_every_rank(killed_rank):
     assert not (folder / "m.ckpt").exists()
 
 
+@pytest.mark.distributed
+def test_srun_style_ranks_stop_together_when_one_fails_its_checks(data, tmp_path):
+    """Two processes with srun's variables (no torchrun): rank 0 finds the output taken, rank 1 stops too."""
+    import socket
+
+    image, labels = data
+    out = tmp_path / "m.pt"
+    out.write_text("someone else's model")
+    config = tmp_path / "s.yaml"
+    settings(epochs=2, batch_size=4).save(config)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        srun = {"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(rank),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(volseg("train", str(image), str(labels), "-o", str(out), "-c", str(config)),
+                                      env={**env(), **srun}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    errors = [p.communicate(timeout=120)[1].strip().splitlines() for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errors
+    assert len(errors[0]) == 1 and "m.pt: already exists" in errors[0][0], errors
+    assert errors[1] == ["error: rank 1 of 2: another process of this run failed while checking the inputs; its "
+                         "message says why"], errors
+    assert out.read_text() == "someone else's model" and not (tmp_path / ".m.pt.lock").exists()
+
+
 # ---- resume -----------------------------------------------------------------------------------
 
 
@@ -274,19 +301,10 @@ def test_resume_after_sigkill_gives_bit_identical_weights(data, tmp_path):
 def interrupted(small_volume, tmp_path, monkeypatch):
     """A run stopped by Ctrl-C in epoch 2: the best model so far, and the checkpoint of epoch 1."""
     image, labels = small_volume
-    real = loop_mod.Runner.validate
-    calls = []
-
-    def validate(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(loop_mod.Runner, "validate", validate)
+    interrupt_validation(monkeypatch)
     out = tmp_path / "m.pt"
     result = train([(image, labels)], out, settings(epochs=3))
-    monkeypatch.setattr(loop_mod.Runner, "validate", real)
+    monkeypatch.undo()
     assert result.stop_reason == "interrupted" and (tmp_path / "m.ckpt").exists()
     return image, labels, out
 
@@ -426,6 +444,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_bad_init_from_files_are_one_line_and_write_nothing(parent, odd_labels_files, tmp_path):
     image, labels = odd_labels_files
     truncated = tmp_path / "truncated.pt"
@@ -526,20 +545,11 @@ def test_resume_on_cuda_keeps_the_cuda_rng_and_finishes(small_volume, tmp_path, 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     image, labels = small_volume
-    real = loop_mod.Runner.validate
-    calls = []
-
-    def validate(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(loop_mod.Runner, "validate", validate)
+    interrupt_validation(monkeypatch)
     out = tmp_path / "m.pt"
     assert train([(image, labels)], out, settings(epochs=3, device="cuda")).stop_reason == "interrupted"
     assert "cuda" in torch.load(out.with_suffix(".ckpt"), weights_only=True)["rng"]
-    monkeypatch.setattr(loop_mod.Runner, "validate", real)
+    monkeypatch.undo()
     resumed = train([(image, labels)], out, settings(epochs=3, device="cuda"))
     assert resumed.attempts == 2 and resumed.epochs_run == 3 and not out.with_suffix(".ckpt").exists()
 

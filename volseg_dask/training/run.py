@@ -196,16 +196,22 @@ def train(pairs: Sequence[tuple[Any, Any]], output: PathLike, settings: Settings
     with process_group(device, settings.train.distributed_timeout) as dist, contextlib.ExitStack() as stack, \
             _torch_threads(settings.train.torch_threads):
         device = dist.device(device)  # before any collective: NCCL needs each rank on its own GPU
-        with dist.together("checking the inputs"):
-            setup = _prepare(pairs, validation, output, settings, overwrite, restart, dist)
-            if dist.primary:
-                stack.enter_context(OutputLock(output))
+        checkpoint = output_paths(output)["checkpoint"]
         try:
+            # no collective inside a `together` block: a rank that fails there must not leave the others in one
+            with dist.together("checking the inputs"):
+                setup = _prepare(pairs, validation, output, settings, overwrite, restart, dist)
+                if dist.primary:
+                    stack.enter_context(OutputLock(output))
+            resuming = dist.from_primary(setup.record is not None)
+            with dist.together("reading the checkpoint"):
+                if resuming and not dist.primary:
+                    setup.record = _checkpoint_of_rank_0(setup, dist)
             return _train(setup, pairs, validation, device, dist, progress)
         except RuntimeError as exc:
             if not collective_failure(exc, dist):
                 raise
-            resume = f"; rerun the same command to resume from {setup.checkpoint}" if setup.checkpoint.exists() else ""
+            resume = f"; rerun the same command to resume from {checkpoint}" if checkpoint.exists() else ""
             raise TrainingError(f"{output}: {dist}: another process of this run stopped or hung "
                                 f"({describe_failure(exc)}); training ended{resume}") from None
 
@@ -249,16 +255,20 @@ def _prepare(pairs: Sequence[tuple[Any, Any]], validation: Sequence[tuple[Any, A
             require_same_run(record, key, fields, ckpt)
         # resuming may replace the model file the interrupted attempt saved
         check_output_path(output, overwrite or record is not None)
-    if dist.from_primary(record is not None) and not dist.primary:
-        if not ckpt.exists():
-            raise TrainingError(f"{ckpt}: rank 0 resumes from this checkpoint but {dist} cannot see it; put the "
-                                "output on a filesystem every node sees")
-        record = load_checkpoint(ckpt)
-        require_same_run(record, key, fields, ckpt)
     if settings.train.samples_per_epoch is not None and settings.train.samples_per_epoch < dist.world_size:
         raise ConfigError(f"train.samples_per_epoch: {settings.train.samples_per_epoch} is fewer than the "
                           f"{dist.world_size} processes; give at least one slice per process")
     return _Setup(output, settings, paths, key, fields, parent, record)
+
+
+def _checkpoint_of_rank_0(setup: _Setup, dist: DistContext) -> dict[str, Any]:
+    """The checkpoint rank 0 resumes from, read by another rank (all read it; rank 0 alone writes it)."""
+    if not setup.checkpoint.exists():
+        raise TrainingError(f"{setup.checkpoint}: rank 0 resumes from this checkpoint but {dist} cannot see it; put "
+                            "the output on a filesystem every node sees")
+    record = load_checkpoint(setup.checkpoint)
+    require_same_run(record, setup.key, setup.key_fields, setup.checkpoint)
+    return record
 
 
 def _train(setup: _Setup, pairs: Sequence[tuple[Any, Any]], validation: Sequence[tuple[Any, Any]] | None,
