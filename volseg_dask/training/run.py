@@ -310,16 +310,8 @@ def _train(setup: _Setup, pairs: Sequence[tuple[Any, Any]], validation: Sequence
         n_val = max(t.batch_size, round(n_train * frac / (1 - frac)))
         val_ds = SliceDataset(val_volumes, mapping, norm, settings.data, role="val", length=n_val,
                               n_slices=n_slices, seed=seed)
-    loader_kw: dict[str, Any] = {"batch_size": t.batch_size, "pin_memory": device.type == "cuda"}
     sampler = EpochSampler(n_train, dist.rank, dist.world_size, t.batch_size)
-    workers: dict[str, Any] = {"num_workers": t.num_workers}
-    if t.num_workers:
-        workers.update(worker_init_fn=worker_init, persistent_workers=True, prefetch_factor=2)
-    train_loader: Any = torch.utils.data.DataLoader(train_ds, sampler=sampler, **loader_kw, **workers)
-    val_loader: Any = None
-    if val_ds is not None:
-        shard = range(dist.rank, len(val_ds), dist.world_size) if dist.enabled else None
-        val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, sampler=shard, **loader_kw)
+    train_loader, val_loader = _loaders(train_ds, val_ds, sampler, settings, device, dist)
 
     model = build_model(settings.model, classes=mapping.classes, in_channels=n_slices, load_weights=parent is None)
     if parent is not None and record is None:
@@ -350,13 +342,7 @@ def _train(setup: _Setup, pairs: Sequence[tuple[Any, Any]], validation: Sequence
     phases = make_phases(settings)
     start, resume, finished = 0, None, None
     if record is not None:
-        state, optimizer_state, scaler_state = restore(runner, record)
-        finished = record["finished"]
-        start = state.index
-        if state.epochs_done >= phases[start].epochs:
-            start += 1
-        else:
-            resume = (state, optimizer_state, scaler_state)
+        start, resume, finished = _resume_point(runner, record, phases)
         if dist.primary:
             log.warning("resumed from epoch %d of %d (%s, attempt %d, %s spent before)", runner.epoch, t.epochs,
                         setup.checkpoint, attempts, format_duration(before))
@@ -405,7 +391,39 @@ def _train(setup: _Setup, pairs: Sequence[tuple[Any, Any]], validation: Sequence
     else:
         remove_checkpoint(setup.checkpoint)
         log.info("saved %s (best epoch %s, stop: %s, %.0f s)", output, runner.best_epoch, stop_reason, seconds)
-    result.outputs = {"model": output}
+    _write_reports(result, runner, model, val_ds, mapping, paths)
+    return result
+
+
+def _loaders(train_ds: SliceDataset, val_ds: SliceDataset | None, sampler: EpochSampler, settings: Settings,
+             device: torch.device, dist: DistContext) -> tuple[Any, Any]:
+    """The training loader (this rank's share of every epoch) and the validation one (this rank's share)."""
+    t = settings.train
+    loader_kw: dict[str, Any] = {"batch_size": t.batch_size, "pin_memory": device.type == "cuda"}
+    workers: dict[str, Any] = {"num_workers": t.num_workers}
+    if t.num_workers:
+        workers.update(worker_init_fn=worker_init, persistent_workers=True, prefetch_factor=2)
+    train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, **loader_kw, **workers)
+    val_loader = None
+    if val_ds is not None:
+        shard = range(dist.rank, len(val_ds), dist.world_size) if dist.enabled else None
+        val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, sampler=shard, **loader_kw)
+    return train_loader, val_loader
+
+
+def _resume_point(runner: Runner, record: dict[str, Any], phases: Sequence[Any]) -> tuple[int, Any, str | None]:
+    """Put a checkpoint into ``runner``: (the phase to go on with, what it resumes from, the stop reason if the
+    checkpointed epoch ended the fit)."""
+    state, optimizer_state, scaler_state = restore(runner, record)
+    if state.epochs_done >= phases[state.index].epochs:  # the phase was over: the next one starts afresh
+        return state.index + 1, None, record["finished"]
+    return state.index, (state, optimizer_state, scaler_state), record["finished"]
+
+
+def _write_reports(result: TrainResult, runner: Runner, model: torch.nn.Module, val_ds: SliceDataset | None,
+                   mapping: LabelMapping, paths: dict[str, Path]) -> None:
+    """Metrics, curves, sample slices beside the model file (which is complete whatever happens here)."""
+    result.outputs = {"model": result.model_path}
     try:
         write_metrics(runner.history, runner.lr_results, paths, classes=runner.classes, final=True,
                       summary=result.metrics, mapping=mapping)
@@ -418,8 +436,7 @@ def _train(setup: _Setup, pairs: Sequence[tuple[Any, Any]], validation: Sequence
         for i in range(len(runner.lr_results)):
             result.outputs[f"lr_finder_{i}"] = paths[f"lr_finder_{i}"]
     except KeyboardInterrupt:
-        log.warning("interrupted while writing the plots; the model %s is complete", output)
-    return result
+        log.warning("interrupted while writing the plots; the model %s is complete", result.model_path)
 
 
 def _gpu_sized(settings: Settings) -> bool:
