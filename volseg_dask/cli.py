@@ -107,7 +107,7 @@ class _Group(click.Group):
 
 
 _RESUME_HINTS = {"train": "rerun the same command to resume training from its last checkpoint (MODEL.ckpt beside "
-                          "the model; --restart starts afresh)"}
+                          "the model, once an epoch has finished; --restart starts afresh)"}
 """How to finish an interrupted command, where it is not rerunning it as it was."""
 
 _BATCH_PROGRESS_LOGGERS = ("volseg_dask.training.progress",)
