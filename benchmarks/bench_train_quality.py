@@ -64,7 +64,7 @@ def predict_axis(model: Any, meta: dict[str, Any], image: np.ndarray, axis: int,
         idx = np.arange(s, min(s + batch_size, len(planes)))
         stack = np.stack([planes[mirror_indices(i - half, i + half + 1, len(planes))] for i in idx])
         probs = predict_planes(model, apply(stack, norm), device=torch.device("cpu"), batch_size=batch_size,
-                               multiple=int(meta.get("pad_multiple", 32)), amp=False)
+                               multiple=meta.pad_multiple, amp=False)
         out[:, idx] = probs.transpose(1, 0, 2, 3)
     return np.moveaxis(out, 1, axis + 1)
 

@@ -92,3 +92,19 @@ def read_array(path: Path) -> np.ndarray:
     if isinstance(node, zarr.Group):
         node = node["0"]
     return node[:]
+
+
+def interrupt_validation(monkeypatch: pytest.MonkeyPatch, call: int = 2) -> None:
+    """Ctrl-C during the ``call``-th validation of a training run (the epochs before it are finished)."""
+    from volseg_dask.training import loop
+
+    real = loop.Runner.validate
+    calls = []
+
+    def validate(self):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(loop.Runner, "validate", validate)

@@ -23,6 +23,8 @@ from volseg_dask.training.loop import lr_at
 from volseg_dask.training.losses import make_loss
 from volseg_dask.training.lr_finder import lr_range_test
 
+from .conftest import interrupt_validation
+
 TINY = {"architecture": "Unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]}
 
 
@@ -193,16 +195,7 @@ def test_separate_validation_volumes_and_no_validation(small_volume, tmp_path):
 
 def test_ctrl_c_saves_the_best_model_so_far_and_says_so(small_volume, tmp_path, monkeypatch, caplog):
     image, labels = small_volume
-    real = loop_mod.Runner.validate
-    calls = []
-
-    def validate(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(loop_mod.Runner, "validate", validate)
+    interrupt_validation(monkeypatch)
     with caplog.at_level("WARNING", logger="volseg_dask.training"):
         result = train([(image, labels)], tmp_path / "m.pt", tiny_settings(epochs=5))
     assert result.stop_reason == "interrupted" and result.best_epoch == 1
@@ -210,7 +203,6 @@ def test_ctrl_c_saves_the_best_model_so_far_and_says_so(small_volume, tmp_path, 
     _, meta = load_model(tmp_path / "m.pt")
     assert meta.training["stop_reason"] == "interrupted"
 
-    calls.clear()
     monkeypatch.setattr(loop_mod.Runner, "validate", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         train([(image, labels)], tmp_path / "none.pt", tiny_settings(epochs=5))
@@ -262,6 +254,9 @@ def test_gpu_path_uses_autocast_grad_scaler_and_pinned_memory(small_volume, tmp_
 
         def update(self):
             seen["scaler"].append("update")
+
+        def state_dict(self):  # checkpoints keep the scaler's state
+            return {"scale": 1.0}
 
     def fake_autocast(device, enabled=True):
         seen["autocast"].append((device.type, enabled))

@@ -42,7 +42,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch system's walltime, ``kill``) delivered as an interrupt, so clean-ups run."""
 
 
+_TERMINATED: list[int] = []  # set once SIGTERM arrived, for the exit code of a command that handled it itself
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.append(signum)
     raise Terminated()
 
 
@@ -103,8 +107,18 @@ class _Group(click.Group):
             if debug():
                 raise
             what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-            click.echo(f"{what}; rerun the command to finish (predict resumes where it stopped)", err=True)
+            hint = _RESUME_HINTS.get(ctx.invoked_subcommand or "", "rerun the command to finish (predict resumes "
+                                     "where it stopped)")
+            click.echo(f"{what}; {hint}", err=True)
             ctx.exit(143 if isinstance(exc, Terminated) else 130)
+
+
+_RESUME_HINTS = {"train": "rerun the same command to resume training from its last checkpoint (MODEL.ckpt beside "
+                          "the model, once an epoch has finished; --restart starts afresh)"}
+"""How to finish an interrupted command, where it is not rerunning it as it was."""
+
+_BATCH_PROGRESS_LOGGERS = ("volseg_dask.training.progress",)
+"""Loggers of progress lines (one per epoch): shown without -v when stderr is not a terminal (batch jobs)."""
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -115,6 +129,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    batch = not quiet and not sys.stderr.isatty()  # no progress bars there: a line now and then instead
+    for name in _BATCH_PROGRESS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if batch and level > logging.INFO else logging.NOTSET)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -325,26 +342,44 @@ def _pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
 @click.option("--epochs", type=int, help="Maximum number of epochs.")
 @click.option("--lr", type=float, help="Peak learning rate (skips the learning-rate range test).")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--max-minutes", type=float, help="Stop after this much wall time (the best model is kept).")
+@click.option("--max-minutes", type=float,
+              help="Stop after this much wall time, over all attempts of a resumed run (the best model is kept).")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Fine-tune this model file (model.init_from): its network and weights are the start.")
+@click.option("--restart", is_flag=True, help="Delete the checkpoint of an unfinished run and start afresh.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @click.pass_obj
 def train_command(state: _State, volumes: tuple[str, ...], output: Path, config_file: Path | None,
                   validation: tuple[tuple[str, str], ...], epochs: int | None, lr: float | None, device: str | None,
-                  max_minutes: float | None, overwrite: bool) -> None:
+                  max_minutes: float | None, init_from: Path | None, restart: bool, overwrite: bool) -> None:
     """Train a 2D model on slices of labelled volumes: IMAGE LABELS [IMAGE LABELS ...].
 
     Slices along z, y and x are read lazily from any format `convert` reads; label values may be any
-    integers. Plots and metrics are written beside the model. Ctrl-C stops training and saves the
-    best model so far.
+    integers. Plots and metrics are written beside the model, and a checkpoint every epoch: rerunning
+    an interrupted or killed command resumes it. Ctrl-C stops training and saves the best model so
+    far. Started by torchrun or srun, the processes train together (README: multi-GPU training).
     """
     from .config import load_settings
+    from .training.distributed import env_ranks
     from .training.run import train as api
 
     pairs = _pairs(volumes, "volseg train")
     settings = load_settings(config_file, {"train.epochs": epochs, "train.learning_rate": lr,
-                                           "train.device": device, "train.max_minutes": max_minutes})
+                                           "train.device": device, "train.max_minutes": max_minutes,
+                                           "model.init_from": None if init_from is None else str(init_from)})
+    rank = env_ranks()[0]
+    if rank and state.verbose < 2:  # the other ranks say only what goes wrong (-vv: everything)
+        logging.getLogger("volseg_dask").setLevel(logging.ERROR)
     result = api(pairs, output, settings, validation=[(a, b) for a, b in validation] or None, overwrite=overwrite,
-                 progress=state.progress)
+                 progress=state.progress and not rank, restart=restart)
+    if not rank:
+        _train_summary(result)
+    if result.stop_reason == "interrupted":
+        # the best model so far, not a finished one: a batch script can tell
+        click.get_current_context().exit(143 if _TERMINATED else 130)
+
+
+def _train_summary(result: Any) -> None:
     dice = ", ".join(f"{label}: {'-' if d is None else f'{d:.3f}'}" for label, d in result.val_dice.items())
     lrs = ", ".join(f"{v:.3g}" for v in result.learning_rates)
     click.echo(f"wrote {result.model_path} ({result.epochs_run} epochs, best {result.best_epoch}, stopped: "

@@ -110,6 +110,12 @@ class ModelSettings(_Section):
     n_slices: int = _opt(
         1, help="Adjacent slices fed as channels (2.5D). 1 = plain 2D; must be odd.", min=1, max=15, odd=True
     )
+    init_from: str | None = _opt(
+        None, help="Fine-tune: a model file (.pt) whose network (architecture, encoder, channels, 2.5D slices) and "
+        "weights training starts from. Model settings left at their defaults follow the file; any other value "
+        "must match it. Label values the file does not know get a freshly initialised output layer (the rows of "
+        "the values it knows are kept). The new file records its parent (path and sha256).",
+    )
 
 
 @dataclass
@@ -146,6 +152,10 @@ class DataSettings(_Section):
         length=2, min=0.0, max=100.0, increasing=True,
     )
     std_factor: float = _opt(2.575, help="Width of the 'mean_std' clip in standard deviations.", min=0.1)
+    normalization_from: Literal["model", "recompute"] = _opt(
+        "model", help="With model.init_from: 'model' reuses the parent model's intensity window (the network sees "
+        "intensities as it learned them); 'recompute' measures the new training images (another contrast).",
+    )
     stats_sample_voxels: int = _opt(
         2_000_000, help="Voxels sampled (whole chunks, spread over the volume) for intensity statistics.",
         min=1000,
@@ -221,7 +231,18 @@ class TrainSettings(_Section):
         0.1, help="With pretrained weights, after unfreezing: encoder LR = this × decoder LR.", min=0.0, max=1.0
     )
     max_minutes: float | None = _opt(
-        None, help="Stop after this much wall time (the best checkpoint is kept).", min=0.0
+        None, help="Stop after this much wall time (the best checkpoint is kept); a resumed run counts the time of "
+        "every attempt up to its last checkpoint.", min=0.0
+    )
+    checkpoint_every: int = _opt(
+        1, help="Write a checkpoint beside the model (MODEL.ckpt) every N epochs; rerunning the same command "
+        "resumes from it (`--restart` starts afresh); it is removed once the model file is written. 0 = never.",
+        min=0,
+    )
+    distributed_timeout: float = _opt(
+        10.0, help="Under torchrun or srun (several processes): minutes a process waits for the others in a "
+        "collective operation before the run fails with an error, so a hung process cannot stall the rest.",
+        min=0.1,
     )
     seed: int | None = _opt(0, help="Seed for sampling, augmentation, split and initialisation; null = random.")
     num_workers: int = _opt(0, help="DataLoader worker processes (0 reads in the main process).", min=0)

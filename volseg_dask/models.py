@@ -46,6 +46,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ModelMeta",
     "architectures",
+    "atomic_save",
     "build_model",
     "encoder_names",
     "load_encoder_weights",
@@ -57,6 +58,8 @@ __all__ = [
 FORMAT = "volseg_dask.model"
 FORMAT_VERSION = 2
 """Model-file format written by this version (files of formats 1 .. FORMAT_VERSION load)."""
+CHECKPOINT_FORMAT = "volseg_dask.checkpoint"
+"""Marker of a training checkpoint (``MODEL.ckpt``): never a model file, refused where one is expected."""
 
 
 def architectures() -> dict[str, type[nn.Module]]:
@@ -279,6 +282,9 @@ class ModelMeta:
         The volumes it was trained and validated on (paths, shapes, split).
     versions
         Package versions that wrote the file (filled in by :func:`save_model`).
+    parent_path, parent_sha256
+        The model file this one was fine-tuned from (``model.init_from``), and the sha256 of its
+        bytes; None for a model trained from scratch (and in files written before fine-tuning).
     """
 
     model: ModelSettings
@@ -293,6 +299,8 @@ class ModelMeta:
     train_data: list[dict[str, Any]] = field(default_factory=list)
     validation_data: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    parent_path: str | None = None
+    parent_sha256: str | None = None
 
     def __post_init__(self) -> None:
         self.label_values = tuple(int(v) for v in self.label_values)
@@ -311,8 +319,10 @@ class ModelMeta:
         """The ``meta`` record of a model file: plain values only (loadable with ``weights_only=True``)."""
         import json
 
+        model = dataclasses.asdict(self.model)
+        model.pop("init_from", None)  # recorded as parent_path: without the key, older versions read the file
         record = {
-            "model": dataclasses.asdict(self.model),
+            "model": model,
             "classes": self.classes,
             "label_values": list(self.label_values),
             "ignore_label": self.ignore_label,
@@ -326,6 +336,8 @@ class ModelMeta:
             "train_data": self.train_data,
             "validation_data": self.validation_data,
             "versions": self.versions,
+            "parent_path": self.parent_path,
+            "parent_sha256": self.parent_sha256,
         }
         return dict(json.loads(json.dumps(record, default=str)))
 
@@ -377,7 +389,8 @@ class ModelMeta:
                    settings=dict(raw.get("settings") or {}), training=dict(raw.get("training") or {}),
                    train_data=list(raw.get("train_data") or []),
                    validation_data=list(raw.get("validation_data") or []),
-                   versions=dict(raw.get("versions") or {}))
+                   versions=dict(raw.get("versions") or {}), parent_path=raw.get("parent_path"),
+                   parent_sha256=raw.get("parent_sha256"))
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
@@ -386,9 +399,6 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) 
 
     import segmentation_models_pytorch as smp
 
-    from .outputs import partial_name, remove_stale_partials
-
-    path = Path(path)
     meta = dataclasses.replace(meta, versions={"volseg_dask": __version__, "torch": str(torch.__version__),
                                                "smp": smp.__version__, "python": platform.python_version()})
     record = {
@@ -397,10 +407,18 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta.to_dict(),
     }
+    return atomic_save(record, path)
+
+
+def atomic_save(record: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` ``record`` to ``path`` under a temporary name, then rename: never a half-written file."""
+    from .outputs import partial_name, remove_stale_partials
+
+    path = Path(path)
     remove_stale_partials(path)
     tmp = partial_name(path)
     try:
-        torch.save(record, tmp)
+        torch.save(dict(record), tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -428,6 +446,9 @@ def read_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: refused: not a volseg_dask model file (it may contain code, which is "
                              f"never run: {first})") from exc
+    if isinstance(raw, Mapping) and raw.get("format") == CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path}: a training checkpoint, not a model file; rerun the `volseg train` command "
+                             "that wrote it to resume training, which writes the model file beside it")
     if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a volseg_dask model file (no '{FORMAT}' marker); train one with "
                              "`volseg train`")

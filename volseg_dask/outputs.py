@@ -303,6 +303,17 @@ class OutputLock:
         self.release()
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes (hex), read 1 MB at a time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_stamp(path: str | os.PathLike[str]) -> tuple[Any, ...]:
     """A cheap fingerprint that changes when an input is rewritten (Zarr metadata files or file time)."""
     text = os.fspath(path)

@@ -9,6 +9,8 @@ DataLoader worker reads them.
 from __future__ import annotations
 
 import bisect
+import itertools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ from ..normalize import Normalization, apply
 from .cache import BlockReader, ChunkCache
 from .split import AXES, TRAIN, VAL
 from .volumes import TrainingVolume
+
+log = logging.getLogger(__name__)
 
 __all__ = ["REGION_WINDOW", "EpochSampler", "SliceDataset", "SliceSpec", "worker_init"]
 
@@ -240,21 +244,51 @@ class SliceDataset(Dataset):
 class EpochSampler(Sampler[int]):
     """Indices ``epoch * n .. epoch * n + n - 1``: new random slices every epoch, fixed by the seed.
 
-    It runs in the main process, so :meth:`set_epoch` reaches persistent DataLoader workers.
+    Under torch.distributed the ``world_size`` ranks share them batch by batch: of every
+    ``world_size * batch`` consecutive indices (one step of the whole run) rank ``r`` takes the
+    ``r``-th ``batch``. So no index, hence no slice, is drawn twice per epoch across the ranks; a
+    step of N ranks trains on the same slices as a step of one process with ``N * batch``; every
+    rank makes the same number of steps (a remainder that does not divide is left out); and the
+    grouped draws of ``data.region_slices`` stay together. It runs in the main process, so
+    :meth:`set_epoch` reaches persistent DataLoader workers.
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, batch: int = 1) -> None:
         self.n = int(n)
+        self.rank, self.world_size, self.batch = int(rank), int(world_size), int(batch)
+        step = self.world_size * self.batch
+        self._full, rest = divmod(self.n, step)
+        self._tail = rest // self.world_size  # the last, partial step: an equal part each
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def indices(self) -> list[int]:
+        """This rank's indices of the current epoch."""
+        start, step, b = self.epoch * self.n, self.world_size * self.batch, self.batch
+        mine = [start + g * step + self.rank * b + i for g in range(self._full) for i in range(b)]
+        tail = start + self._full * step + self.rank * self._tail
+        return mine + list(range(tail, tail + self._tail))
+
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.epoch * self.n, (self.epoch + 1) * self.n))
+        indices = self.indices()
+        if self.world_size > 1:
+            log.debug("rank %d of %d, epoch %d: slice indices %s", self.rank, self.world_size, self.epoch,
+                      _runs(indices))
+        return iter(indices)
 
     def __len__(self) -> int:
-        return self.n
+        return self._full * self.batch + self._tail
+
+
+def _runs(indices: Sequence[int]) -> str:
+    """``0-3 8-11 16``: consecutive indices as ranges."""
+    out: list[str] = []
+    for _, group in itertools.groupby(enumerate(indices), key=lambda pair: pair[1] - pair[0]):
+        run = [value for _, value in group]
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return " ".join(out)
 
 
 def worker_init(worker_id: int) -> None:

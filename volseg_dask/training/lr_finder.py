@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from .step import make_scaler, train_step
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class LRFinderResult:
 def lr_range_test(model: nn.Module, loss_fn: nn.Module, batches: Iterator[Sequence[torch.Tensor]],
                   make_optimizer: Any, lr_range: Sequence[float], steps: int, *,
                   device: torch.device | None = None, amp: bool = False, progress: bool = False,
-                  time_budget: float = math.inf) -> LRFinderResult:
+                  time_budget: float = math.inf, dist: DistContext | None = None) -> LRFinderResult:
     """Exponential sweep of the learning rate over ``steps`` batches; the model is restored after.
 
     Parameters
@@ -62,6 +65,10 @@ def lr_range_test(model: nn.Module, loss_fn: nn.Module, batches: Iterator[Sequen
         Where the model runs; autocast on CUDA; a tqdm bar.
     time_budget
         Seconds after which the sweep stops, keeping what it has.
+    dist
+        Under torch.distributed: the ranks sweep together (``model`` wrapped in DDP, each rank on
+        its own batches), every step's loss is the mean over the ranks and rank 0's clock decides
+        the time budget, so every rank takes the same decisions and suggests the same rate.
 
     Notes
     -----
@@ -96,7 +103,7 @@ def lr_range_test(model: nn.Module, loss_fn: nn.Module, batches: Iterator[Sequen
             loss = None
             for _ in range(100):
                 loss = train_step(model, loss_fn, next(batches), optimizer, scaler, device=device, amp=amp,
-                                  memory_format=memory_format)
+                                  memory_format=memory_format, dist=dist)
                 if loss is not None:
                     break
             if loss is None:
@@ -111,7 +118,10 @@ def lr_range_test(model: nn.Module, loss_fn: nn.Module, batches: Iterator[Sequen
             smoothed.append(avg / (1 - beta ** len(losses)))
             if len(smoothed) > 5 and smoothed[-1] > 4 * min(smoothed):
                 break
-            if time.monotonic() - t0 > time_budget:
+            out_of_time = time.monotonic() - t0 > time_budget
+            if dist is not None and dist.enabled:
+                out_of_time = dist.from_primary(out_of_time)
+            if out_of_time:
                 log.warning("learning-rate range test stopped after %d of %d steps (time budget)", len(losses), steps)
                 cut = True
                 break

@@ -33,6 +33,7 @@ def output_paths(output: Path) -> dict[str, Path]:
         "metrics_json": Path(base + ".metrics.json"),
         "lr_finder_0": Path(base + ".lr_finder.png"),
         "lr_finder_1": Path(base + ".lr_finder_finetune.png"),
+        "checkpoint": Path(base + ".ckpt"),
     }
 
 
