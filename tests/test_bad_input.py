@@ -115,7 +115,7 @@ CASES = {
     "convert: folder that is no volume": (["convert", f"{W}/notes", f"{W}/o2.zarr"], "neither TIFF slices nor Zarr"),
     "convert: truncated TIFF": (["convert", f"{W}/truncated.tif", f"{W}/o3.zarr"], "truncated.tif"),
     "convert: corrupt HDF5": (["convert", f"{W}/corrupt.h5", f"{W}/o4.zarr"], "corrupt.h5: not a readable HDF5"),
-    "convert: damaged Zarr chunk": (["convert", f"{W}/damaged.zarr", f"{W}/o5.zarr"], "damaged.zarr: reading"),
+    "convert: damaged Zarr chunk": (["convert", f"{W}/damaged.zarr", f"{W}/o5.zarr"], "damaged.zarr: chunk c/0/0/0"),
     "convert: 2D data": (["convert", f"{W}/flat.npy", f"{W}/o6.zarr"], "expected a 3D volume"),
     "convert: 4D data": (["convert", f"{W}/four_d.npy", f"{W}/o7.zarr"], "select one channel"),
     "convert: HDF5 key missing": (["convert", f"{W}/keys.h5:/raw", f"{W}/o8.zarr"], "has no dataset /raw"),

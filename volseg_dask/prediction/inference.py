@@ -58,8 +58,9 @@ CPU_BATCH = 4
 MAX_AUTO_BATCH = 64
 """Largest batch the ``auto`` batch size picks on a GPU."""
 
-QUEUE_BLOCKS = 2
-"""Blocks waiting for a device thread (beyond the one it computes); submitters wait when it is full."""
+QUEUE_BLOCKS = 4
+"""Block-axes waiting for a device thread (beyond the one it computes); submitters wait when it is full. They
+hold no memory of their own: the raw block is the submitting task's, staged for the device only when taken."""
 
 
 @dataclass(frozen=True)

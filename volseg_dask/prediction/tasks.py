@@ -34,8 +34,10 @@ __all__ = ["DONE_DIR", "IN_FLIGHT", "block_context", "block_task", "done_marker"
 
 DONE_DIR = ".volseg/done"
 
-IN_FLIGHT = 2
-"""Axes of one block queued on a device thread at a time: the device computes the next while the task writes."""
+IN_FLIGHT = 3
+"""Axes of one block queued on a device thread at once (all of them): the device computes the next axes while
+the task writes the first (``benchmarks/bench_pipeline.py``: with 2 of 3 queued, the device waited for a task
+to write before it got the third, and sat idle whenever both threads were reading)."""
 
 
 def block_context(block: Region, shape: Sequence[int], halo: int, axis: int, half: int) -> list[tuple[int, int]]:
