@@ -14,8 +14,8 @@ check of a file's metadata is in :meth:`ModelMeta.from_dict`. Files are read wit
 
 Format versions: 1, the first files (``downsample``, ``pad_multiple`` and ``n_slices`` may be
 absent; they default to 1, 32 and ``in_channels``); 2, written by :class:`ModelMeta` (every field
-present). A field added later gets a default, so older files keep loading; a file of a newer
-format is refused with a message to upgrade.
+present). A field added later gets a default, so older files keep loading (``fusion``, the learned
+fusion of the axes, defaults to None); a file of a newer format is refused with a message to upgrade.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ._version import __version__
 from .config import ModelSettings
 from .errors import ConfigError, ModelFileError
 from .normalize import Normalization
+from .prediction.fusion import Fusion
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,22 @@ class ModelMeta:
         The volumes it was trained and validated on (paths, shapes, split).
     versions
         Package versions that wrote the file (filled in by :func:`save_model`).
+    fusion
+        The learned fusion of the per-axis probabilities (:class:`~volseg_dask.prediction.fusion.Fusion`,
+        written by ``volseg fuse fit``), or None; files without it load with None.
+
+    Notes
+    -----
+    *Which network a fusion belongs to.* A file with fusion is the network of another file plus the
+    fusion parameters, so its own sha256 differs from that network's. The network is identified by
+    its *network hash*: for a file without fusion, the sha256 of the file; for a file with fusion,
+    ``fusion.network_sha256``, which ``fuse fit`` copies from the model file it was given (that file's
+    sha256, or its own network hash when it had a fusion already). A prediction records both the
+    model file's sha256 (``key_fields["model_sha256"]``, part of its run key) and the network hash
+    (``network_sha256``, in the output group's ``volseg_dask`` attribute); per-axis probabilities are
+    fused, or used to fit a fusion, only when their network hash is the fusion's. So
+    ``fuse fit PRED.zarr ... --model MODEL.pt`` checks that PRED.zarr came from MODEL.pt's network, a
+    fused file predicts exactly as the file it was made from, and a fusion can be refitted.
     """
 
     model: ModelSettings
@@ -293,6 +310,7 @@ class ModelMeta:
     train_data: list[dict[str, Any]] = field(default_factory=list)
     validation_data: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    fusion: Fusion | None = None
 
     def __post_init__(self) -> None:
         self.label_values = tuple(int(v) for v in self.label_values)
@@ -326,6 +344,7 @@ class ModelMeta:
             "train_data": self.train_data,
             "validation_data": self.validation_data,
             "versions": self.versions,
+            "fusion": self.fusion.to_dict() if self.fusion is not None else None,
         }
         return dict(json.loads(json.dumps(record, default=str)))
 
@@ -377,7 +396,9 @@ class ModelMeta:
                    settings=dict(raw.get("settings") or {}), training=dict(raw.get("training") or {}),
                    train_data=list(raw.get("train_data") or []),
                    validation_data=list(raw.get("validation_data") or []),
-                   versions=dict(raw.get("versions") or {}))
+                   versions=dict(raw.get("versions") or {}),
+                   fusion=Fusion.from_dict(raw["fusion"], path=path, classes=len(values))
+                   if raw.get("fusion") is not None else None)
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:

@@ -22,9 +22,10 @@ from ..io.volume import open_volume
 from ..models import ModelMeta, read_model_file
 from ..normalize import Normalization, compute_normalization
 from ..resample import downsample_array
+from .fusion import LEARNED, Fusion, check_fusion
 from .inference import AXES, SlabSpec
 
-__all__ = ["Plan", "file_digest", "plan_prediction", "predict_settings", "rotations_of", "slab_spec"]
+__all__ = ["Plan", "file_digest", "network_digest", "plan_prediction", "predict_settings", "rotations_of", "slab_spec"]
 
 
 @dataclass
@@ -51,6 +52,16 @@ class Plan:
         return list(self.meta.label_values)
 
     @property
+    def network_sha256(self) -> str:
+        """The network whose probabilities this prediction makes (see :class:`~volseg_dask.models.ModelMeta`)."""
+        return network_digest(self.meta, self.key_fields["model_sha256"])
+
+    @property
+    def fusion(self) -> Fusion | None:
+        """The model file's fusion when the merge is ``learned`` (checked by :func:`plan_prediction`), else None."""
+        return self.meta.fusion if self.settings.merge == LEARNED else None
+
+    @property
     def extras(self) -> tuple[str, ...]:
         """Merged outputs besides the labels (confidence, entropy, disagreement)."""
         s = self.settings
@@ -64,6 +75,11 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(2**20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def network_digest(meta: ModelMeta, file_sha256: str) -> str:
+    """The network of a model file: its fusion's ``network_sha256``, or the file's own sha256 without fusion."""
+    return meta.fusion.network_sha256 if meta.fusion is not None else file_sha256
 
 
 def _input_fingerprint(path: str) -> dict[str, Any]:
@@ -96,7 +112,8 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
     ------
     VolsegError
         Missing or unreadable volume or model, an incomplete input, a model that does not fit the
-        data, a halo larger than the blocks, NaN in the normalisation sample.
+        data, a halo larger than the blocks, NaN in the normalisation sample, merge ``learned`` with a
+        model file without fusion parameters (or fitted on other axes).
     """
     ps = predict_settings(settings)
     vol = open_volume(volume)
@@ -112,6 +129,8 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
                           f"factor of {model_path} (its data.downsample); use e.g. {fixed}")
     grid = BlockGrid(tuple(vol.shape), tuple(native_chunks), factor, int(ps.halo))
     axes, _ = rotations_of(ps.axes)
+    if ps.merge == LEARNED:
+        check_fusion(meta.fusion, model_path, axes=axes, classes=meta.classes)
     in_plane = set(range(3)) if ps.fused else {d for a in axes for d in range(3) if d != AXES[a]}
     for d, (c, s) in enumerate(zip(grid.chunks, grid.shape)):
         if d in in_plane and grid.halo > c and s > c:
@@ -142,6 +161,7 @@ def slab_spec(model_path: str | os.PathLike[str], meta: ModelMeta, settings: Pre
     return SlabSpec(
         model_path=str(Path(model_path).resolve()), normalization=normalization, n_slices=meta.n_slices,
         batch_size=settings.batch_size, device=settings.device, amp=settings.amp,
-        rotations=rotations_of(settings.axes)[1], flips=settings.tta_flips, combine=settings.merge,
+        rotations=rotations_of(settings.axes)[1], flips=settings.tta_flips,
+        combine="mean" if settings.merge == LEARNED else settings.merge,
         torch_threads=settings.torch_threads, multiple=meta.pad_multiple,
     )
