@@ -344,30 +344,32 @@ def test_bad_inputs_of_the_fit(world, tmp_path):
 # ---- resume and completeness --------------------------------------------------------------------
 
 
-def _volseg(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "volseg_dask.cli", "-q", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def _predict(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "volseg_dask.cli", "-q", "predict", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _blocks_done(out: Path) -> int:
+    return sum(1 for _ in (out / ".volseg" / "done").rglob("*.*"))
 
 
 def test_learned_prediction_resumes_after_sigkill_and_a_failed_merge_is_never_complete(world, tmp_path):
-    fused = str(world["fused"]["conv"])
-    args = ["--chunks", "16", "--halo", "8", "--merge", "learned", "--entropy"]
-    ref = _volseg("predict", str(world["image"]), fused, "-o", str(tmp_path / "ref.zarr"), *args)
+    """A real SIGKILL in a `predict --merge learned`; the rerun computes the rest and gives the uninterrupted result."""
+    command = [str(world["image"]), str(world["fused"]["conv"]), "--chunks", "16", "--halo", "8", "--merge", "learned",
+               "--entropy", "-o"]
+    ref = _predict(*command, str(tmp_path / "ref.zarr"))
     assert ref.wait(timeout=300) == 0, ref.stderr.read() if ref.stderr else ""
     out = tmp_path / "killed.zarr"
-    proc = _volseg("predict", str(world["image"]), fused, "-o", str(out), *args)
-    done = out / ".volseg" / "done"
-    deadline = time.time() + 120
-    while time.time() < deadline and sum(1 for _ in done.rglob("*.*")) < 20:
+    proc, deadline = _predict(*command, str(out)), time.time() + 120
+    while _blocks_done(out) < 20 and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_after = sum(1 for _ in done.rglob("*.*"))
+    killed_after = _blocks_done(out)
     assert 20 <= killed_after < 81 and status(zarr.open_group(str(out)))["complete"] is False
-    rerun = _volseg("predict", str(world["image"]), fused, "-o", str(out), *args)
-    assert rerun.wait(timeout=300) == 0
-    message = rerun.stdout.read() if rerun.stdout else ""
-    assert int(message.split("(")[1].split(" blocks computed")[0]) == 81 - killed_after, message
+    rerun = _predict(*command, str(out))
+    summary, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and f"({81 - killed_after} blocks computed" in summary, summary
     for name in ("labels", "confidence", "entropy", "probabilities/x"):
         np.testing.assert_array_equal(read_array(out / name), read_array(tmp_path / "ref.zarr" / name), err_msg=name)
     # a learned merge that fails half-way (a damaged chunk) leaves labels marked incomplete; fixed, it finishes
@@ -448,3 +450,13 @@ def test_train_with_fit_fusion(world, tmp_path):
                                  samples=1000, settings=Settings.from_dict(raw))
     _, again = read_model_file(refit.model_path)
     assert again.fusion is not None and again.fusion.network_sha256 == meta.fusion.network_sha256
+
+
+@pytest.mark.gpu
+def test_fused_learned_prediction_on_the_gpu(world, tmp_path):
+    """Inference on CUDA (float16 autocast), the fusion on the CPU: the labels of the CPU run, up to autocast."""
+    s = settings(chunks=[24, 16, 20], halo=8, merge="learned", fused=True)
+    cpu = predict(world["image"], world["fused"]["conv"], tmp_path / "c.zarr", s)
+    gpu = predict(world["image"], world["fused"]["conv"], tmp_path / "g.zarr",
+                  s.with_overrides({"predict.device": "cuda"}))
+    assert (read_array(gpu.output / "labels") == read_array(cpu.output / "labels")).mean() > 0.99
