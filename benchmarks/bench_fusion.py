@@ -1,5 +1,8 @@
 """Learned fusion of the axes vs max / mean / vote: per-class Dice on unseen volumes, fit time and peak RSS.
 
+The default merge ('auto': the model file's fusion when it has one, else max) rests on this benchmark: the
+conv fusion fitted on the clean volume wins on all three unseen volumes.
+
 The demo network (trained on seed 0, 160³) predicts, along z, y and x with the per-axis probabilities
 kept: a labelled fitting volume (seed 2) and, as anisotropic SXCT data is, a labelled fitting volume
 degraded along z (seed 5); two unseen volumes (seeds 1 and 3) and one unseen volume degraded along z
@@ -141,14 +144,16 @@ def main(argv: list[str] | None = None) -> None:
 
     columns = ["volume", "merge", *CLASS_NAMES, "mean", "components", "truth components", "merge_s"]
     print(table(rows, columns))
-    verdict = {}
+    verdict: dict[str, dict[str, dict[str, float]]] = {"best_fixed": {}, "max": {}}
     for name in ("seed1", "seed3", "degraded-z"):
-        here = [r for r in rows if r["volume"] == name]
-        best_fixed = max(r["mean"] for r in here if r["merge"] in ("max", "mean", "vote"))
-        verdict[name] = {key: round(next(r["mean"] for r in here if r["merge"] == f"learned {key}") - best_fixed, 4)
-                         for key in ("linear (fit)", "conv (fit)")}
-    wins = {key: all(v[key] > 0 for v in verdict.values()) for key in ("linear (fit)", "conv (fit)")}
-    print("mean Dice of learned minus the best of max/mean/vote:", json.dumps(verdict))
+        here = {r["merge"]: r["mean"] for r in rows if r["volume"] == name}
+        for against, reference in (("best_fixed", max(here["max"], here["mean"], here["vote"])), ("max", here["max"])):
+            verdict[against][name] = {key: round(here[f"learned {key}"] - reference, 4)
+                                      for key in ("linear (fit)", "conv (fit)")}
+    wins = {against: {key: all(v[key] > 0 for v in per_volume.values()) for key in ("linear (fit)", "conv (fit)")}
+            for against, per_volume in verdict.items()}
+    print("mean Dice of learned (fitted on the clean volume) minus the best of max/mean/vote, and minus max:",
+          json.dumps(verdict))
     print("wins on all three volumes:", wins)
     fit_table = [{"fusion": k, "seconds": round(v["seconds"], 1), "fit_s": v["fit_seconds"], "samples": v["samples"],
                   "peak_rss_mb": round(v["peak_rss_mb"]), "iterations": v["iterations"]} for k, v in fits.items()]

@@ -230,9 +230,10 @@ def test_fit_writes_the_network_plus_fusion_and_predicting_with_it_is_the_learne
     merge(pred, method="learned", model=fused_path, outputs=EXTRAS)
     info = status(zarr.open_group(str(pred)))
     assert info["merge"] == "learned" and info["fusion_kind"] == kind and info["fusion_model"] == str(fused_path)
-    direct = predict(world["image"], fused_path, tmp_path / "d.zarr",
-                     settings(chunks=[24, 16, 20], halo=8, merge="learned", entropy=True, disagreement=True))
-    assert status(zarr.open_group(str(direct.output)))["network_sha256"] == meta.fusion.network_sha256
+    direct = predict(world["image"], fused_path, tmp_path / "d.zarr",  # the default merge 'auto' is 'learned' here
+                     settings(chunks=[24, 16, 20], halo=8, entropy=True, disagreement=True))
+    recorded = status(zarr.open_group(str(direct.output)))
+    assert recorded["merge"] == "learned" and recorded["network_sha256"] == meta.fusion.network_sha256
     for name in ("labels", *EXTRAS, "probabilities/z"):
         np.testing.assert_array_equal(read_array(direct.output / name), read_array(pred / name), err_msg=name)
     mean = merge_block(*(read_array(pred / "probabilities" / a) for a in "zyx"), method="mean",
@@ -305,6 +306,18 @@ def test_a_model_without_fusion_asked_for_learned_is_refused_before_any_work(wor
     np.testing.assert_array_equal(read_array(pred / "labels"), read_array(world["pred"] / "labels"))
     with pytest.raises(ConfigError, match="fitted on the axes zyx, the prediction has z"):
         predict(world["image"], world["fused"]["conv"], tmp_path / "z.zarr", settings(merge="learned", axes="z"))
+    assert not (tmp_path / "z.zarr").exists()
+
+
+def test_the_default_merge_is_learned_only_where_it_can_be(world, tmp_path, caplog):
+    """'auto': max for a model file without fusion (as before fusion existed), and for one fitted on other axes."""
+    along_z = settings(chunks=[48, 48, 48], axes="z")
+    plain = predict(world["image"], world["model"], tmp_path / "p.zarr", along_z)
+    assert status(zarr.open_group(str(plain.output)))["merge"] == "max"
+    other = predict(world["image"], world["fused"]["conv"], tmp_path / "o.zarr", along_z)
+    assert status(zarr.open_group(str(other.output)))["merge"] == "max"
+    assert "fitted on the axes zyx, this prediction is along z: merging by max" in caplog.text
+    np.testing.assert_array_equal(read_array(other.output / "labels"), read_array(plain.output / "labels"))
 
 
 def test_bad_inputs_of_the_fit(world, tmp_path):

@@ -395,8 +395,9 @@ def _peak_memory(workers: int | None, address: str | None) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output Zarr folder.")
 @click.option("-c", "--config", "config_file", type=click.Path(path_type=Path), help="Settings YAML.")
 @click.option("--axes", help="z, y, x, any combination (zyx), or all12 (3 axes x 4 rotations).")
-@click.option("--merge", "merge_method", type=click.Choice(["max", "mean", "vote", "learned"]),
-              help="Vote across axes; learned: the fusion in MODEL (`volseg fuse fit`).")
+@click.option("--merge", "merge_method", type=click.Choice(["auto", "max", "mean", "vote", "learned"]),
+              help="Vote across axes; learned: the fusion in MODEL (`volseg fuse fit`); auto (default): learned "
+              "when MODEL has one, else max.")
 @click.option("--chunks", help="Block (= output chunk) shape: N or Z,Y,X.")
 @click.option("--halo", type=int, help="In-plane context around each block (voxels).")
 @click.option("--batch-size", type=int, help="Planes per forward pass.")

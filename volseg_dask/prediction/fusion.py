@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,10 +238,12 @@ def native_probabilities(arrays: Sequence[Any], region: Region, grid: BlockGrid,
     exactly as for the whole volume (:mod:`~volseg_dask.prediction.upsample`).
     """
     grown = grow(region, grid.native_shape, halo)
-    where = (slice(None), *(slice(a, b) for a, b in grown))
-    read: Callable[[Any], np.ndarray] = (
-        (lambda a: np.asarray(a[where])) if grid.factor == 1 else (lambda a: upsample_region(region_reader(a), grown,
-                                                                                              grid)))
+
+    def read(array: Any) -> np.ndarray:
+        if grid.factor == 1:
+            return np.asarray(array[(slice(None), *(slice(a, b) for a, b in grown))])
+        return upsample_region(region_reader(array), grown, grid)
+
     return [pad_edge(read(a), region, grown, halo) for a in arrays]
 
 

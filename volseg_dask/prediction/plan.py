@@ -7,12 +7,15 @@ other key is refused rather than mixed in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..config import ConfigError, PredictSettings, Settings
 from ..errors import VolumeValueError
@@ -25,7 +28,10 @@ from ..resample import downsample_array
 from .fusion import LEARNED, Fusion, check_fusion
 from .inference import AXES, SlabSpec
 
-__all__ = ["Plan", "file_digest", "network_digest", "plan_prediction", "predict_settings", "rotations_of", "slab_spec"]
+log = logging.getLogger(__name__)
+
+__all__ = ["AUTO", "Plan", "file_digest", "network_digest", "plan_prediction", "predict_settings", "resolve_merge",
+           "rotations_of", "slab_spec"]
 
 
 @dataclass
@@ -104,6 +110,23 @@ def rotations_of(axes_setting: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(axes_setting), (0,)
 
 
+AUTO = "auto"
+"""The default merge: ``learned`` when the model file has a fusion for the predicted axes, else ``max``."""
+
+
+def resolve_merge(merge: str, meta: ModelMeta, axes: Sequence[str], model: str | os.PathLike[str]) -> str:
+    """The merge a prediction runs: ``auto`` becomes ``learned`` or ``max``; any other method stays."""
+    if merge != AUTO:
+        return merge
+    if meta.fusion is None:
+        return "max"
+    if sorted(meta.fusion.axes) == sorted(axes):
+        return LEARNED
+    log.warning("%s: its fusion was fitted on the axes %s, this prediction is along %s: merging by max", model,
+                "".join(meta.fusion.axes), "".join(axes))
+    return "max"
+
+
 def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str],
                     output: str | os.PathLike[str], settings: Settings | PredictSettings | None = None) -> Plan:
     """Check every input before any graph is built, and describe the work.
@@ -129,6 +152,7 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
                           f"factor of {model_path} (its data.downsample); use e.g. {fixed}")
     grid = BlockGrid(tuple(vol.shape), tuple(native_chunks), factor, int(ps.halo))
     axes, _ = rotations_of(ps.axes)
+    ps = dataclasses.replace(ps, merge=cast(Any, resolve_merge(ps.merge, meta, axes, model_path)))
     if ps.merge == LEARNED:
         check_fusion(meta.fusion, model_path, axes=axes, classes=meta.classes)
     in_plane = set(range(3)) if ps.fused else {d for a in axes for d in range(3) if d != AXES[a]}
@@ -158,10 +182,11 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
 def slab_spec(model_path: str | os.PathLike[str], meta: ModelMeta, settings: PredictSettings,
               normalization: Normalization) -> SlabSpec:
     """The slab function's settings for a model file, its metadata and the prediction settings."""
+    merge = resolve_merge(settings.merge, meta, rotations_of(settings.axes)[0], model_path)
     return SlabSpec(
         model_path=str(Path(model_path).resolve()), normalization=normalization, n_slices=meta.n_slices,
         batch_size=settings.batch_size, device=settings.device, amp=settings.amp,
         rotations=rotations_of(settings.axes)[1], flips=settings.tta_flips,
-        combine="mean" if settings.merge == LEARNED else settings.merge,
+        combine="mean" if merge == LEARNED else merge,  # test-time variants of one axis: never learned
         torch_threads=settings.torch_threads, multiple=meta.pad_multiple,
     )
