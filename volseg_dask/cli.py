@@ -123,6 +123,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     volseg convert  raw.h5:/data raw.zarr
     volseg train    raw.zarr labels.zarr -o model.pt
     volseg predict  big.zarr model.pt -o seg.zarr
+    volseg fuse fit held_out_pred.zarr held_out_labels.zarr -o fused.pt --model model.pt
     volseg evaluate seg.zarr/labels truth.zarr
     volseg export   seg.zarr/labels seg.tif
     volseg demo

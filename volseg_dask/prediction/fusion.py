@@ -15,7 +15,10 @@ scale per class, bounded so that ``Σ|w|·255 < 2**24``: every partial sum of in
 probabilities is then an integer that float32 holds exactly, so the logits do not depend on the
 summation order, the block shape, the BLAS or the threads — a blockwise fusion equals a whole-volume
 one bit for bit, as the max/mean/vote merges do. (The rounding costs < 0.1 % of each weight.) A linear
-model with equal weights and zero bias therefore gives exactly the labels of the ``mean`` merge.
+model with equal weights and zero bias therefore gives exactly the labels of the ``mean`` merge. The
+conv model's sums are torch's CPU ``conv3d`` (oneDNN's direct convolution or an im2col product: every
+partial sum exact; a Winograd or FFT convolution, or reduced-precision float32 math, would not be, which
+``tests/test_fusion.py`` would see as a chunked merge that differs from the whole one).
 
 The conv model needs one voxel of context around a block: it is read from the neighbouring blocks
 (:func:`native_probabilities`), and at the volume's border the edge voxel is repeated.
