@@ -32,6 +32,7 @@ _API = {
     "predict": "prediction.run",
     "predict_array": "prediction.overlap",
     "merge": "prediction.merging",
+    "fit_fusion": "prediction.fusion_fit",
     "evaluate": "metrics",
     "VolsegError": "errors",
 }

@@ -147,6 +147,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     volseg convert  raw.h5:/data raw.zarr
     volseg train    raw.zarr labels.zarr -o model.pt
     volseg predict  big.zarr model.pt -o seg.zarr
+    volseg fuse fit held_out_pred.zarr held_out_labels.zarr -o fused.pt --model model.pt
     volseg evaluate seg.zarr/labels truth.zarr
     volseg export   seg.zarr/labels seg.tif
     volseg demo
@@ -348,10 +349,16 @@ def _pairs(values: tuple[str, ...], what: str) -> list[tuple[str, str]]:
               help="Fine-tune this model file (model.init_from): its network and weights are the start.")
 @click.option("--restart", is_flag=True, help="Delete the checkpoint of an unfinished run and start afresh.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
+@click.option("--fit-fusion", "fusion_pair", nargs=2, default=None, metavar="IMAGE LABELS",
+              help="After training, predict this labelled volume (not one trained on) and fit a learned fusion of "
+              "the axes into the model file (`volseg fuse fit`).")
+@click.option("--fusion-kind", type=click.Choice(["linear", "conv"]), default="conv", show_default=True,
+              help="The fusion model --fit-fusion fits.")
 @click.pass_obj
 def train_command(state: _State, volumes: tuple[str, ...], output: Path, config_file: Path | None,
                   validation: tuple[tuple[str, str], ...], epochs: int | None, lr: float | None, device: str | None,
-                  max_minutes: float | None, init_from: Path | None, restart: bool, overwrite: bool) -> None:
+                  max_minutes: float | None, init_from: Path | None, restart: bool, overwrite: bool,
+                  fusion_pair: tuple[str, str] | None, fusion_kind: str) -> None:
     """Train a 2D model on slices of labelled volumes: IMAGE LABELS [IMAGE LABELS ...].
 
     Slices along z, y and x are read lazily from any format `convert` reads; label values may be any
@@ -370,10 +377,21 @@ def train_command(state: _State, volumes: tuple[str, ...], output: Path, config_
     rank = env_ranks()[0]
     if rank and state.verbose < 2:  # the other ranks say only what goes wrong (-vv: everything)
         logging.getLogger("volseg_dask").setLevel(logging.ERROR)
+    if fusion_pair:
+        from .prediction.fusion_fit import check_labelled_volume
+
+        check_labelled_volume(*fusion_pair)  # before training, not after it
     result = api(pairs, output, settings, validation=[(a, b) for a, b in validation] or None, overwrite=overwrite,
                  progress=state.progress and not rank, restart=restart)
     if not rank:
         _train_summary(result)
+        if fusion_pair and result.stop_reason != "interrupted":
+            from .prediction.fusion_fit import fit_fusion_on_volume
+
+            click.echo(f"fitting a {fusion_kind} fusion of the axes on {fusion_pair[0]} ...")
+            fusion = fit_fusion_on_volume(result.model_path, *fusion_pair, kind=fusion_kind, settings=settings,
+                                          progress=state.progress)
+            click.echo(fusion.summary())
     if result.stop_reason == "interrupted":
         # the best model so far, not a finished one: a batch script can tell
         click.get_current_context().exit(143 if _TERMINATED else 130)
@@ -420,7 +438,9 @@ def _peak_memory(workers: int | None, address: str | None) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output Zarr folder.")
 @click.option("-c", "--config", "config_file", type=click.Path(path_type=Path), help="Settings YAML.")
 @click.option("--axes", help="z, y, x, any combination (zyx), or all12 (3 axes x 4 rotations).")
-@click.option("--merge", "merge_method", type=click.Choice(["max", "mean", "vote"]), help="Vote across axes.")
+@click.option("--merge", "merge_method", type=click.Choice(["auto", "max", "mean", "vote", "learned"]),
+              help="Vote across axes; learned: the fusion in MODEL (`volseg fuse fit`); auto (default): learned "
+              "when MODEL has one, else max.")
 @click.option("--chunks", help="Block (= output chunk) shape: N or Z,Y,X.")
 @click.option("--halo", type=int, help="In-plane context around each block (voxels).")
 @click.option("--batch-size", help="Planes per forward pass, or auto (from the GPU's free memory; 4 on the CPU).")
@@ -478,7 +498,10 @@ def predict(state: _State, volume: str, model: Path, output: Path, config_file: 
 
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--method", type=click.Choice(["max", "mean", "vote"]), help="Default: as recorded by predict.")
+@click.option("--method", type=click.Choice(["max", "mean", "vote", "learned"]),
+              help="Default: as recorded by predict. learned: the fusion of --model.")
+@click.option("--model", "fusion_model", type=click.Path(path_type=Path), default=None,
+              help="learned: the model file with the fusion (default: the one that predicted OUTPUT).")
 @click.option("--confidence/--no-confidence", default=None, help="Write the merged confidence.")
 @click.option("--entropy/--no-entropy", default=None, help="Write the per-voxel entropy.")
 @click.option("--disagreement/--no-disagreement", default=None, help="Write how many axes disagree.")
@@ -486,8 +509,9 @@ def predict(state: _State, volume: str, model: Path, output: Path, config_file: 
               help="Keep the per-axis probability arrays.")
 @_scheduler_options
 @click.pass_obj
-def merge(state: _State, output: Path, method: str | None, confidence: bool | None, entropy: bool | None,
-          disagreement: bool | None, keep_probabilities: bool, workers: int | None, address: str | None) -> None:
+def merge(state: _State, output: Path, method: str | None, fusion_model: Path | None, confidence: bool | None,
+          entropy: bool | None, disagreement: bool | None, keep_probabilities: bool, workers: int | None,
+          address: str | None) -> None:
     """(Re)merge the per-axis probabilities of a prediction OUTPUT into labels."""
     from .cluster import dask_scheduler
     from .prediction.merging import merge as api
@@ -503,8 +527,46 @@ def merge(state: _State, output: Path, method: str | None, confidence: bool | No
         outputs = [n for n in ("confidence", "entropy", "disagreement")
                    if flags[n] or (flags[n] is None and n in recorded)]
     with dask_scheduler(workers, address, echo=click.echo):
-        api(output, method=method, outputs=outputs, keep_probabilities=keep_probabilities, progress=state.blocks)
+        api(output, method=method, outputs=outputs, keep_probabilities=keep_probabilities, model=fusion_model,
+            progress=state.blocks)
     click.echo(f"wrote {output / 'labels'}")
+
+
+@cli.group()
+def fuse() -> None:
+    """Learned fusion of the per-axis probabilities (instead of max / mean / vote)."""
+
+
+@fuse.command("fit")
+@click.argument("prediction", type=click.Path(path_type=Path))
+@click.argument("truth")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Model file to write: MODEL's network plus the fusion (.pt).")
+@click.option("--model", required=True, type=click.Path(path_type=Path),
+              help="The model file that predicted PREDICTION.")
+@click.option("--kind", type=click.Choice(["linear", "conv"]), default="conv", show_default=True,
+              help="linear: a weight per axis and class; conv: a 3x3x3 convolution over the axes' probabilities.")
+@click.option("--samples", type=click.IntRange(100), default=200_000, show_default=True,
+              help="Voxels sampled for the fit (equal shares per class).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--ignore-label", type=int, default=None, help="Truth value left out (besides the model's own).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_scheduler_options
+@click.pass_obj
+def fuse_fit(state: _State, prediction: Path, truth: str, output: Path, model: Path, kind: str, samples: int,
+             seed: int, ignore_label: int | None, overwrite: bool, workers: int | None, address: str | None) -> None:
+    """Fit a fusion on PREDICTION (`volseg predict` of a labelled volume, probabilities kept) and its TRUTH.
+
+    Use a labelled volume the network did not train on; then `volseg predict ... --merge learned`
+    or `volseg merge OUT.zarr --method learned --model OUTPUT` apply it.
+    """
+    from .cluster import dask_scheduler
+    from .prediction.fusion_fit import fit_fusion as api
+
+    with dask_scheduler(workers, address, echo=click.echo):
+        result = api(prediction, truth, output, model=model, kind=kind, samples=samples, seed=seed,
+                     ignore_label=ignore_label, overwrite=overwrite, progress=state.progress)
+    click.echo(result.summary())
 
 
 @cli.command()

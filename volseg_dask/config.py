@@ -266,9 +266,10 @@ class PredictSettings(_Section):
         pattern=r"all12|(?!.*(.).*\1)[zyx]{1,3}", expected="'all12' or 1-3 distinct letters of 'zyx'",
     )
     tta_flips: bool = _opt(False, help="Also predict the flipped planes and combine (test-time augmentation).")
-    merge: Literal["max", "mean", "vote"] = _opt(
-        "max", help="Across axes: 'max' (class of the single highest probability), 'mean' (soft vote), "
-        "'vote' (majority of per-axis labels)."
+    merge: Literal["auto", "max", "mean", "vote", "learned"] = _opt(
+        "auto", help="Across axes: 'max' (class of the single highest probability), 'mean' (soft vote), "
+        "'vote' (majority of per-axis labels), 'learned' (the model file's fusion, fitted by `volseg fuse fit` "
+        "on a labelled volume); 'auto': 'learned' when the model file has a fusion for these axes, else 'max'."
     )
     chunks: list[int] = _opt(
         help="Block (= output chunk) shape z, y, x in voxels; memory grows with it.",

@@ -124,8 +124,12 @@ class BlockGrid:
 
     def upsample_support(self, index: Sequence[int]) -> Region:
         """The coarse voxels the linear upsampling of native block ``index`` reads: its block and one more around."""
+        return self.support(self.native_block(index))
+
+    def support(self, region: Region) -> Region:
+        """The coarse voxels the linear upsampling of the native ``region`` reads."""
         out = []
-        for (a, b), n in zip(self.native_block(index), self.shape):
+        for (a, b), n in zip(region, self.shape):
             j0, j1, _ = lerp_weights(a, b, self.factor, n)
             out.append((int(j0.min()), int(j1.max()) + 1))
         return tuple(out)

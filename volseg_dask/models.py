@@ -14,8 +14,8 @@ check of a file's metadata is in :meth:`ModelMeta.from_dict`. Files are read wit
 
 Format versions: 1, the first files (``downsample``, ``pad_multiple`` and ``n_slices`` may be
 absent; they default to 1, 32 and ``in_channels``); 2, written by :class:`ModelMeta` (every field
-present). A field added later gets a default, so older files keep loading; a file of a newer
-format is refused with a message to upgrade.
+present). A field added later gets a default, so older files keep loading (``fusion``, the learned
+fusion of the axes, defaults to None); a file of a newer format is refused with a message to upgrade.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ._version import __version__
 from .config import ModelSettings
 from .errors import ConfigError, ModelFileError
 from .normalize import Normalization
+from .prediction.fusion import Fusion
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,22 @@ class ModelMeta:
     parent_path, parent_sha256
         The model file this one was fine-tuned from (``model.init_from``), and the sha256 of its
         bytes; None for a model trained from scratch (and in files written before fine-tuning).
+    fusion
+        The learned fusion of the per-axis probabilities (:class:`~volseg_dask.prediction.fusion.Fusion`,
+        written by ``volseg fuse fit``), or None; files without it load with None.
+
+    Notes
+    -----
+    *Which network a fusion belongs to.* A file with fusion is the network of another file plus the
+    fusion parameters, so its own sha256 differs from that network's. The network is identified by
+    its *network hash*: for a file without fusion, the sha256 of the file; for a file with fusion,
+    ``fusion.network_sha256``, which ``fuse fit`` copies from the model file it was given (that file's
+    sha256, or its own network hash when it had a fusion already). A prediction records both the
+    model file's sha256 (``key_fields["model_sha256"]``, part of its run key) and the network hash
+    (``network_sha256``, in the output group's ``volseg_dask`` attribute); per-axis probabilities are
+    fused, or used to fit a fusion, only when their network hash is the fusion's. So
+    ``fuse fit PRED.zarr ... --model MODEL.pt`` checks that PRED.zarr came from MODEL.pt's network, a
+    fused file predicts exactly as the file it was made from, and a fusion can be refitted.
     """
 
     model: ModelSettings
@@ -301,6 +318,7 @@ class ModelMeta:
     versions: dict[str, str] = field(default_factory=dict)
     parent_path: str | None = None
     parent_sha256: str | None = None
+    fusion: Fusion | None = None
 
     def __post_init__(self) -> None:
         self.label_values = tuple(int(v) for v in self.label_values)
@@ -338,6 +356,7 @@ class ModelMeta:
             "versions": self.versions,
             "parent_path": self.parent_path,
             "parent_sha256": self.parent_sha256,
+            "fusion": self.fusion.to_dict() if self.fusion is not None else None,
         }
         return dict(json.loads(json.dumps(record, default=str)))
 
@@ -390,7 +409,9 @@ class ModelMeta:
                    train_data=list(raw.get("train_data") or []),
                    validation_data=list(raw.get("validation_data") or []),
                    versions=dict(raw.get("versions") or {}), parent_path=raw.get("parent_path"),
-                   parent_sha256=raw.get("parent_sha256"))
+                   parent_sha256=raw.get("parent_sha256"),
+                   fusion=Fusion.from_dict(raw["fusion"], path=path, classes=len(values))
+                   if raw.get("fusion") is not None else None)
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:

@@ -48,6 +48,8 @@ class SceneParams:
     shading_offset: float = 0.13
     shading_gain: float = 0.18
     shading_wavelength: float = 150.0
+    blur_sigma_z: float | None = None  # partial-volume blur along z (None: blur_sigma), e.g. a coarser z resolution
+    slice_noise_sigma: float = 0.0  # an intensity offset per z-slice (flux changes between slices): z stripes
 
 
 def _spheres(rng: np.random.Generator, shape: Sequence[int], radius: tuple[float, float],
@@ -145,9 +147,10 @@ def _shading(scene: Scene, region: tuple[slice, slice, slice], which: int) -> np
 def render_block(scene: Scene, region: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
     """Render one block: (image uint16, labels uint8). Identical whatever the blocking."""
     p = scene.params
-    margin = int(np.ceil(4 * p.blur_sigma)) if p.blur_sigma > 0 else 0
-    origin = np.array([r.start - margin for r in region], dtype=float)
-    padded = tuple(r.stop - r.start + 2 * margin for r in region)
+    sigma = (p.blur_sigma if p.blur_sigma_z is None else p.blur_sigma_z, p.blur_sigma, p.blur_sigma)
+    margin = [int(np.ceil(4 * s)) if s > 0 else 0 for s in sigma]
+    origin = np.array([r.start - m for r, m in zip(region, margin)], dtype=float)
+    padded = tuple(r.stop - r.start + 2 * m for r, m in zip(region, margin))
     grain_id = np.zeros(padded, np.int32)  # 1 + index of the grain covering a voxel, 0 for pore space
     _paint(grain_id, origin, scene.grains, np.arange(1, len(scene.grains) + 1, dtype=np.int32))
     envelope = np.zeros(padded, np.uint8)
@@ -155,13 +158,18 @@ def render_block(scene: Scene, region: tuple[slice, slice, slice]) -> tuple[np.n
     labels = np.where(grain_id > 0, np.uint8(1), np.where(envelope == 1, np.uint8(2), np.uint8(0)))
     level = np.concatenate([[p.intensity[0]], scene.grain_level]).astype(np.float32)
     density = np.where(labels == 2, np.float32(p.intensity[2]), level[grain_id])
-    if p.blur_sigma > 0:
-        density = ndimage.gaussian_filter(density, p.blur_sigma, mode="nearest", truncate=4.0)
-    inner = tuple(slice(margin, margin + r.stop - r.start) for r in region)
+    if max(sigma) > 0:
+        density = ndimage.gaussian_filter(density, sigma, mode="nearest", truncate=4.0)
+    inner = tuple(slice(m, m + r.stop - r.start) for r, m in zip(region, margin))
     density = density[inner]
     gain = 1.0 + p.shading_gain * _shading(scene, region, 1)
     value = density * gain + p.shading_offset * _shading(scene, region, 0)
     value += p.noise_sigma * _noise(scene, region)
+    if p.slice_noise_sigma > 0:  # one Gaussian offset per z-slice, from the slice index alone
+        z = np.arange(region[0].start, region[0].stop, dtype=np.uint64) * np.uint64(2)
+        u1, u2 = _hash_uniform(z, scene.seed + 7919), _hash_uniform(z + np.uint64(1), scene.seed + 7919)
+        offset = np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)
+        value += (p.slice_noise_sigma * offset).astype(np.float32)[:, None, None]
     image = np.clip(value * 40000.0 + 8000.0, 0, 65535).round().astype(np.uint16)
     return image, labels[inner]
 

@@ -7,12 +7,15 @@ other key is refused rather than mixed in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..config import ConfigError, PredictSettings, Settings
 from ..errors import VolumeValueError
@@ -22,9 +25,13 @@ from ..io.volume import open_volume
 from ..models import ModelMeta, read_model_file
 from ..normalize import Normalization, compute_normalization
 from ..resample import downsample_array
+from .fusion import LEARNED, Fusion, check_fusion
 from .inference import AXES, SlabSpec
 
-__all__ = ["Plan", "file_digest", "plan_prediction", "predict_settings", "rotations_of", "slab_spec"]
+log = logging.getLogger(__name__)
+
+__all__ = ["AUTO", "Plan", "file_digest", "network_digest", "plan_prediction", "predict_settings", "resolve_merge",
+           "rotations_of", "slab_spec"]
 
 
 @dataclass
@@ -51,6 +58,16 @@ class Plan:
         return list(self.meta.label_values)
 
     @property
+    def network_sha256(self) -> str:
+        """The network whose probabilities this prediction makes (see :class:`~volseg_dask.models.ModelMeta`)."""
+        return network_digest(self.meta, self.key_fields["model_sha256"])
+
+    @property
+    def fusion(self) -> Fusion | None:
+        """The model file's fusion when the merge is ``learned`` (checked by :func:`plan_prediction`), else None."""
+        return self.meta.fusion if self.settings.merge == LEARNED else None
+
+    @property
     def extras(self) -> tuple[str, ...]:
         """Merged outputs besides the labels (confidence, entropy, disagreement)."""
         s = self.settings
@@ -64,6 +81,11 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(2**20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def network_digest(meta: ModelMeta, file_sha256: str) -> str:
+    """The network of a model file: its fusion's ``network_sha256``, or the file's own sha256 without fusion."""
+    return meta.fusion.network_sha256 if meta.fusion is not None else file_sha256
 
 
 def _input_fingerprint(path: str) -> dict[str, Any]:
@@ -88,6 +110,23 @@ def rotations_of(axes_setting: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(axes_setting), (0,)
 
 
+AUTO = "auto"
+"""The default merge: ``learned`` when the model file has a fusion for the predicted axes, else ``max``."""
+
+
+def resolve_merge(merge: str, meta: ModelMeta, axes: Sequence[str], model: str | os.PathLike[str]) -> str:
+    """The merge a prediction runs: ``auto`` becomes ``learned`` or ``max``; any other method stays."""
+    if merge != AUTO:
+        return merge
+    if meta.fusion is None:
+        return "max"
+    if sorted(meta.fusion.axes) == sorted(axes):
+        return LEARNED
+    log.warning("%s: its fusion was fitted on the axes %s, this prediction is along %s: merging by max", model,
+                "".join(meta.fusion.axes), "".join(axes))
+    return "max"
+
+
 def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str],
                     output: str | os.PathLike[str], settings: Settings | PredictSettings | None = None) -> Plan:
     """Check every input before any graph is built, and describe the work.
@@ -96,7 +135,8 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
     ------
     VolsegError
         Missing or unreadable volume or model, an incomplete input, a model that does not fit the
-        data, a halo larger than the blocks, NaN in the normalisation sample.
+        data, a halo larger than the blocks, NaN in the normalisation sample, merge ``learned`` with a
+        model file without fusion parameters (or fitted on other axes).
     """
     ps = predict_settings(settings)
     vol = open_volume(volume)
@@ -112,6 +152,9 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
                           f"factor of {model_path} (its data.downsample); use e.g. {fixed}")
     grid = BlockGrid(tuple(vol.shape), tuple(native_chunks), factor, int(ps.halo))
     axes, _ = rotations_of(ps.axes)
+    ps = dataclasses.replace(ps, merge=cast(Any, resolve_merge(ps.merge, meta, axes, model_path)))
+    if ps.merge == LEARNED:
+        check_fusion(meta.fusion, model_path, axes=axes, classes=meta.classes)
     in_plane = set(range(3)) if ps.fused else {d for a in axes for d in range(3) if d != AXES[a]}
     for d, (c, s) in enumerate(zip(grid.chunks, grid.shape)):
         if d in in_plane and grid.halo > c and s > c:
@@ -139,10 +182,12 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
 def slab_spec(model_path: str | os.PathLike[str], meta: ModelMeta, settings: PredictSettings,
               normalization: Normalization) -> SlabSpec:
     """The slab function's settings for a model file, its metadata and the prediction settings."""
+    merge = resolve_merge(settings.merge, meta, rotations_of(settings.axes)[0], model_path)
     return SlabSpec(
         model_path=str(Path(model_path).resolve()), normalization=normalization, n_slices=meta.n_slices,
         batch_size=None if settings.batch_size == "auto" else int(settings.batch_size), device=settings.device,
         amp=settings.amp, amp_dtype=settings.amp_dtype, rotations=rotations_of(settings.axes)[1],
-        flips=settings.tta_flips, combine=settings.merge, torch_threads=settings.torch_threads,
-        multiple=meta.pad_multiple, pipeline=settings.pipeline, compile=settings.compile,
+        flips=settings.tta_flips, combine="mean" if merge == LEARNED else merge,  # TTA variants: never learned
+        torch_threads=settings.torch_threads, multiple=meta.pad_multiple, pipeline=settings.pipeline,
+        compile=settings.compile,
     )

@@ -149,7 +149,8 @@ def _prepare_output(plan: Plan, overwrite: bool) -> tuple[zarr.Group, bool]:
     group = zarr.open_group(str(out), mode="w", zarr_format=3)
     set_status(group, **provenance(
         kind="prediction", complete=False, run_key=plan.run_key, key_fields=plan.key_fields,
-        input=plan.volume, model=str(Path(plan.model).resolve()), axes=list(plan.axes), merge=plan.settings.merge,
+        input=plan.volume, model=str(Path(plan.model).resolve()), network_sha256=plan.network_sha256,
+        axes=list(plan.axes), merge=plan.settings.merge,
         outputs=list(plan.extras), label_values=plan.label_values, settings=plan.settings.__dict__,
         shape=list(plan.grid.native_shape), chunks=list(plan.grid.native_chunks), downsample=plan.grid.factor,
         voxel_size=volume_voxel_size(plan.volume), resume_hint="rerun the same `volseg predict` command to finish"))
@@ -191,7 +192,7 @@ def _finish(group: zarr.Group, plan: Plan, progress: bool | str) -> None:
     write_merged(group, out, plan.axes, plan.grid, method=plan.settings.merge, label_values=plan.label_values,
                  extras=plan.extras, attrs={"merge": plan.settings.merge, "axes": list(plan.axes),
                                             "input": plan.volume, "model": plan.model},
-                 voxel_size=voxel_size, progress=progress)
+                 voxel_size=voxel_size, progress=progress, fusion=plan.fusion)
     set_status(group, axes_done=list(plan.axes))
     if not plan.settings.keep_probabilities:
         shutil.rmtree(out / "probabilities", ignore_errors=True)
@@ -233,7 +234,8 @@ def _tasks(plan: Plan) -> list[Any]:
     if plan.settings.fused:
         fused = dask.delayed(fused_task, pure=False)
         return [fused(vol, out, plan.axes, index, grid, spec, plan.settings.merge, plan.label_values, plan.extras,
-                      plan.run_key, dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}")
+                      plan.fusion, plan.run_key,
+                      dask_key_name=f"predict-fused-{'.'.join(map(str, index))}-{plan.run_key}")
                 for index in grid.indices()]
     task = dask.delayed(block_task, pure=False)
     return [task(vol, out, plan.axes, index, grid, spec, plan.run_key,

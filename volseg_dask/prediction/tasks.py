@@ -20,6 +20,7 @@ from ..errors import VolumeValueError
 from ..grid import AXES, BlockGrid, Region
 from ..memory import trim_memory
 from ..outputs import open_for_writing, read_status
+from .fusion import Fusion, fuse_block, grow, native_probabilities, pad_edge
 from .reads import read_downsampled
 from .upsample import region_reader, upsample_region
 from .votes import merge_block
@@ -109,25 +110,35 @@ def _mark(marker: Path) -> None:
     marker.touch()
 
 
-def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGrid,
-                 spec: SlabSpec) -> Iterator[tuple[str, np.ndarray]]:
+def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGrid, spec: SlabSpec, *,
+                 extra: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """``(axis, uint8 probabilities (C, ...))`` of ``block`` (network's grid) along each of ``axes``, in order,
     from one read of the block and the union of the axes' contexts.
 
     Every axis sees exactly the region (block plus its own context) a single-axis prediction reads for
-    it. With a device thread, the next axis is queued on the device while the caller writes this one.
+    it. ``extra`` voxels around the block, where the volume has them, come back too: predicted from the
+    same planes (their in-plane context) and, along the axis, from extra planes, so the block's own
+    voxels stay exactly those of the block tasks. With a device thread, all axes are queued on the device
+    at once and the caller writes each as it comes.
     """
     from .inference import pipelined, submit_block
 
     half = (spec.n_slices - 1) // 2
-    contexts = [block_context(block, grid.shape, grid.halo, AXES[axis], half) for axis in axes]
-    pads = [(max(c[d][0] for c in contexts), max(c[d][1] for c in contexts)) for d in range(3)]
-    data = read_block(volume, grid, block, pads)
+    out = grow(block, grid.shape, extra)
+    reads = []  # per axis, the region it reads: the block's planes and context, covering `out`
+    for axis in axes:
+        context = block_context(block, grid.shape, grid.halo, AXES[axis], half)
+        reads.append([(o0 - half, o1 + half) if d == AXES[axis] else (min(b0 - c0, o0), max(b1 + c1, o1))
+                      for d, ((b0, b1), (o0, o1), (c0, c1)) in enumerate(zip(block, out, context))])
+    lo = [min(r[d][0] for r in reads) for d in range(3)]
+    hi = [max(r[d][1] for r in reads) for d in range(3)]
+    data = read_block(volume, grid, block, [(b0 - a, b - b1) for (b0, b1), a, b in zip(block, lo, hi)])
     window = IN_FLIGHT if pipelined(spec) else 1
     pending: list[tuple[str, Any]] = []
-    for axis, context in zip(axes, contexts):
-        sub = tuple(slice(p - c, data.shape[d] - q + e) for d, ((p, q), (c, e)) in enumerate(zip(pads, context)))
-        pending.append((axis, submit_block(data[sub], axis, spec, context)))
+    for axis, region in zip(axes, reads):
+        sub = tuple(slice(a - start, b - start) for (a, b), start in zip(region, lo))
+        crop = [(o0 - a, b - o1) for (a, b), (o0, o1) in zip(region, out)]
+        pending.append((axis, submit_block(data[sub], axis, spec, crop)))
         if len(pending) >= window:
             done, future = pending.pop(0)
             yield done, future.result()
@@ -137,54 +148,65 @@ def predict_axes(volume: str, axes: Sequence[str], block: Region, grid: BlockGri
 
 
 def fused_task(volume: str, output: str, axes: tuple[str, ...], index: tuple[int, ...], grid: BlockGrid,
-               spec: SlabSpec, method: str, label_values: list[int], extras: tuple[str, ...], run_key: str) -> int:
-    """Predict block ``index`` along every axis, merge, and write its chunk of labels and ``extras``."""
+               spec: SlabSpec, method: str, label_values: list[int], extras: tuple[str, ...],
+               fusion: Fusion | None, run_key: str) -> int:
+    """Predict block ``index`` along every axis, merge, and write its chunk of labels and ``extras``.
+
+    A learned ``fusion`` with spatial context sees the block grown by its halo where the volume has
+    it (predicted in the same task, from the block's own planes), then the fused block is cropped.
+    """
     marker = done_marker(Path(output), run_key, "fused", index)
     if marker.exists():
         return 0
     native = grid.native_block(index)
+    halo = fusion.halo if fusion is not None else 0
+    axes = fusion.axes if fusion is not None else axes  # the fusion's order of axes (the same set, checked)
+    grown = grow(native, grid.native_shape, halo)
     if grid.factor == 1:
-        per_axis = [p for _, p in predict_axes(volume, axes, native, grid, spec)]
+        per_axis = [p for _, p in predict_axes(volume, axes, native, grid, spec, extra=halo)]
     else:  # the coarse voxels the native block's linear upsampling needs: its block and one more around it
         support = grid.upsample_support(index)
-        coarse = [p for _, p in predict_axes(volume, axes, support, grid, spec)]
-        origin = [a for a, _ in support]
-        per_axis = [upsample_region(region_reader(p, origin), native, grid) for p in coarse]
+        coarse = [p for _, p in predict_axes(volume, axes, support, grid, spec, extra=halo)]
+        origin = [a for a, _ in grow(support, grid.shape, halo)]
+        per_axis = [upsample_region(region_reader(p, origin), grown, grid) for p in coarse]
         del coarse
+    per_axis = [pad_edge(p, native, grown, halo) for p in per_axis]
     if not _still_ours(output, run_key):
         log.warning("%s: no longer the output of run %s; block %s is not written", output, run_key, index)
         return 0
     write_merged_block(output, per_axis, tuple(slice(a, b) for a, b in native), method=method,
-                       label_values=label_values, outputs=extras)
+                       label_values=label_values, outputs=extras, fusion=fusion)
     _mark(marker)
     return 1
 
 
 def merge_task(output: str, axes: tuple[str, ...], index: tuple[int, ...], grid: BlockGrid, method: str,
-                label_values: list[int], extras: tuple[str, ...]) -> int:
+               label_values: list[int], extras: tuple[str, ...], fusion: Fusion | None = None) -> int:
     """Merge block ``index``: read its per-axis probability chunks, write each merged output's chunk once.
 
     With a downsampling model the per-axis probabilities are coarse: the block's coarse voxels (and
-    one more around them) are read and upsampled linearly to the native block first.
+    one more around them) are read and upsampled linearly to the native block first. A learned
+    ``fusion`` with spatial context also reads its halo of voxels from the neighbouring blocks.
     """
     region = grid.native_block(index)
-    where = tuple(slice(a, b) for a, b in region)
     arrays = [zarr.open_array(store=output, path=f"probabilities/{axis}", mode="r") for axis in axes]
-    if grid.factor == 1:
-        probs = [np.asarray(a[(slice(None), *where)]) for a in arrays]
-    else:
-        probs = [upsample_region(region_reader(a), region, grid) for a in arrays]
-    write_merged_block(output, probs, where, method=method, label_values=label_values, outputs=extras)
+    probs = native_probabilities(arrays, region, grid, fusion.halo if fusion is not None else 0)
+    write_merged_block(output, probs, tuple(slice(a, b) for a, b in region), method=method,
+                       label_values=label_values, outputs=extras, fusion=fusion)
     return 1
 
 
 def write_merged_block(output: str, probs: list[np.ndarray], where: tuple[slice, ...], *, method: str,
-                       label_values: Sequence[int], outputs: tuple[str, ...]) -> None:
+                       label_values: Sequence[int], outputs: tuple[str, ...], fusion: Fusion | None = None) -> None:
     """Merge one block's per-axis probabilities and write its chunk of ``labels`` and each output once.
 
-    ``probs`` is emptied, so the per-axis arrays are freed before the merged rows are written.
+    ``probs`` (with ``fusion.halo`` voxels of context when a learned ``fusion`` is given) is emptied, so
+    the per-axis arrays are freed before the merged rows are written.
     """
-    merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
+    if fusion is not None:
+        merged = fuse_block(probs, fusion, label_values=label_values, outputs=outputs)
+    else:
+        merged = merge_block(*probs, method=method, label_values=label_values, outputs=outputs)
     probs.clear()
     for i, name in enumerate(("labels", *outputs)):
         open_for_writing(output, f"{name}/0")[where] = merged[i]

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..labels import label_dtype
 
-__all__ = ["EXTRA_OUTPUTS", "METHODS", "combine", "merge_block"]
+__all__ = ["EXTRA_OUTPUTS", "METHODS", "combine", "merge_block", "normalised_entropy"]
 
 
 METHODS = ("max", "mean", "vote")
@@ -119,6 +119,14 @@ def _pick(index: np.ndarray, arrays: Sequence[np.ndarray]) -> np.ndarray:
     return picked
 
 
+def normalised_entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy of the (unnormalised) probability vectors ``p`` ``(C, ...)``, as uint8 (255 = uniform)."""
+    p = p / np.maximum(p.sum(axis=0, keepdims=True), 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(p > 0, p * np.log(p), 0.0)).sum(axis=0)
+    return np.rint(np.clip(h / np.log(max(p.shape[0], 2)), 0, 1) * 255.0)
+
+
 def _merge_slab(probs: Sequence[np.ndarray], method: str, lut: np.ndarray, outputs: tuple[str, ...],
                 out: np.ndarray) -> None:
     """:func:`merge_block` on one slab; writes into ``out`` (``(1 + len(outputs), ...)``)."""
@@ -156,11 +164,7 @@ def _merge_slab(probs: Sequence[np.ndarray], method: str, lut: np.ndarray, outpu
         if name == "confidence":
             out[i] = confidence
         elif name == "entropy":
-            p = np.stack(merged) / 255.0
-            p = p / np.maximum(p.sum(axis=0, keepdims=True), 1e-12)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                h = -(np.where(p > 0, p * np.log(p), 0.0)).sum(axis=0)
-            out[i] = np.rint(np.clip(h / np.log(max(n_classes, 2)), 0, 1) * 255.0)
+            out[i] = normalised_entropy(np.stack(merged) / 255.0)
         else:  # disagreement: axes whose label differs from the merged one
             out[i] = sum((a != classes for a in per_axis), np.zeros(shape, np.uint16))
 
