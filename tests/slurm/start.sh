@@ -91,7 +91,7 @@ munge -S "$socket" -n | unmunge -S "$socket" >/dev/null 2>&1 || fail "munged doe
 
 # ---- slurm.conf ------------------------------------------------------------------------------
 node=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)  # the machine's, not this process's affinity (a test run may have narrowed it)
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 port=$(free_port_pair) || fail "no two free consecutive TCP ports found"
 mkdir -p "$state/ctld" "$state/spool"
