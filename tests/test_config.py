@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -90,3 +92,24 @@ def test_reference_lists_every_key():
     for section, obj in Settings().to_dict().items():
         for key in obj:
             assert f"| `{key}` |" in text, (section, key)
+
+
+def test_settings_built_in_python_are_checked_like_a_file():
+    """Validation runs when a section is constructed: the API raises the ConfigError the CLI shows."""
+    import dataclasses
+
+    from volseg_dask.config import DataSettings, ModelSettings, PredictSettings, TrainSettings
+
+    for build, key in ((lambda: PredictSettings(halo=-5), "predict.halo: -5 is below the minimum 0"),
+                       (lambda: TrainSettings(epochs=0), "train.epochs: 0 is below the minimum 1"),
+                       (lambda: DataSettings(image_size=100), "data.image_size: 100 must be a multiple of 32"),
+                       (lambda: ModelSettings(architecture="NoSuchNet"), "model.architecture: 'NoSuchNet'"),
+                       (lambda: dataclasses.replace(TrainSettings(), batch_size=0), "train.batch_size"),
+                       (lambda: Settings(train={"epochz": 3}), "unknown key train.'epochz'")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            build()
+    # coerced as from YAML: a tuple becomes a list, an int a float, a name its smp spelling
+    s = Settings(predict={"chunks": (64, 64, 64)}, train={"learning_rate": 1},
+                 model={"architecture": "unetplusplus"})
+    assert s.predict.chunks == [64, 64, 64] and s.train.learning_rate == 1.0
+    assert s.model.architecture == "UnetPlusPlus"

@@ -41,3 +41,22 @@ def test_autocast_only_on_cuda():
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16
     assert not isinstance(dev.autocast(torch.device("cuda", 0), enabled=False), torch.autocast)
     assert not isinstance(dev.autocast(torch.device("cpu")), torch.autocast)
+
+
+@pytest.mark.distributed
+def test_each_local_cluster_worker_takes_its_own_gpu():
+    """`volseg predict --workers N --device cuda`: worker k of the LocalCluster picks GPU k of those visible
+    (mocked here: 3 visible GPUs); a process outside a worker keeps the current device."""
+    import torch
+    from distributed import Client, LocalCluster
+
+    def pick_with_three_gpus():
+        torch.cuda.device_count = lambda: 3
+        torch.cuda.current_device = lambda: 0
+        return dev._worker_gpu()
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+        picked = {a: client.submit(pick_with_three_gpus, workers=[a], pure=False).result() for a in names}
+    assert sorted(names.values()) == [0, 1]
+    assert {names[a]: g for a, g in picked.items()} == {0: 0, 1: 1}
