@@ -281,3 +281,22 @@ def test_outputs_are_ome_zarr_multiscales(tmp_path, tiny_model):
     cube = labels[:2, :2, :2].ravel()
     counts = np.bincount(cube)
     assert counts[level1[0, 0, 0]] == counts.max()
+
+
+def test_a_batch_job_log_gets_progress_lines(vol48, tiny_model, tmp_path):
+    """stderr is a file, as in a batch job: one line per ~5 % of the blocks with an ETA, then the merge's."""
+    log = tmp_path / "job.err"
+    with log.open("w") as err:
+        proc = subprocess.run([sys.executable, "-m", "volseg_dask.cli", "predict", str(vol48[0]), str(tiny_model), "-o",
+                               str(tmp_path / "o.zarr"), "--chunks", "16", "--halo", "8", "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "CI": ""})
+    assert proc.returncode == 0
+    lines = log.read_text().splitlines()
+    predict_lines = [line for line in lines if line.startswith("predict: ")]
+    assert 10 <= len(predict_lines) <= 21 and predict_lines[-1].startswith("predict: 100 % (")  # 27 blocks
+    assert all("ETA" in line for line in predict_lines)
+    assert any(line.startswith("merge: 100 %") for line in lines)
+    quiet = subprocess.run([sys.executable, "-m", "volseg_dask.cli", "-q", "predict", str(vol48[0]), str(tiny_model),
+                            "-o", str(tmp_path / "q.zarr"), "--chunks", "16", "--halo", "8", "--device", "cpu"],
+                           capture_output=True, text=True)
+    assert quiet.returncode == 0 and "predict: " not in quiet.stderr
