@@ -567,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=tuple(MODELS),
                         help="models for the throughput part (tiny: cheap; demo: the demo's network)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the throughput part")
+    parser.add_argument("--results-name", default="bench_predict",
+                        help="results/NAME.json (another name keeps the other parts' latest figures)")
     parser.add_argument("--threads", type=int, default=2, help="dask threads (and the raw side's CPU budget)")
     parser.add_argument("--throughput-shape", type=_shape, default=(256, 512, 512), help="N or Z,Y,X")
     parser.add_argument("--sweep-shape", type=_shape, default=(256, 512, 512), help="N or Z,Y,X")
@@ -601,9 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     results["total_wall_s"] = time.perf_counter() - t_start
     verdict = report(results)
     if not args.no_save:
-        write_results("bench_predict", {
+        write_results(args.results_name, {
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-                         if k not in ("child", "spec", "workdir", "no_save")},
+                         if k not in ("child", "spec", "workdir", "no_save", "results_name")},
             "models": {k: (v or "volseg_dask/demo_settings.yaml model section") for k, v in MODELS.items()},
             "definitions": {
                 "pipeline": "volseg_dask.predict, dask threaded scheduler with --threads threads, 1 torch thread "

@@ -3,9 +3,11 @@
     pip install "volseg_dask[hpc]"          # adds dask-jobqueue
     python examples/slurm_predict.py /data/big.zarr model.pt /scratch/seg.zarr --jobs 8
 
-Each SLURM job is one dask worker process with one thread and one GPU (``--gres=gpu:1``); the
-worker declares ``--resources GPU=1`` and volseg_dask then asks for ``GPU=1`` per inference task,
-so no GPU ever runs two tasks at once. ``--lifetime`` with ``--lifetime-stagger`` retires workers
+Each SLURM job is one dask worker process with one GPU (``--gres=gpu:1``) and four threads: they read,
+decode, encode and write blocks while the worker's one device thread keeps the GPU busy (the simulated
+device of ``benchmarks/bench_pipeline.py`` was busy 60 % of the time with one thread, over 90 % with two
+or four; a real GPU outruns one CPU thread by far more). The worker declares ``--resources GPU=1``; each
+task asks for a share of it, so the GPU's blocks go through one queue and it never computes two at once. ``--lifetime`` with ``--lifetime-stagger`` retires workers
 before the walltime kills them; ``adapt`` starts replacements (and replaces a job that was cancelled
 or died). A job killed anyway loses only the block it was on: every finished block is on disk, and
 rerunning this script (or ``volseg predict ... --scheduler ADDRESS``) with the same arguments
@@ -37,18 +39,23 @@ DEFAULT_PRELOAD = ("segmentation_models_pytorch",)
 
 
 def make_cluster(queue: str = "gpu", account: str | None = None, walltime: str = "01:00:00", memory: str = "32GB",
-                 *, cores: int = 8, gres: str = "gpu:1", threads: int = 1, lifetime: str | None = "55m",
+                 *, cores: int = 8, gres: str = "gpu:1", threads: int | None = None, lifetime: str | None = "55m",
                  lifetime_stagger: str = "4m", python: str | None = None,
                  prologue: Sequence[str] = DEFAULT_PROLOGUE, preload: Sequence[str] = DEFAULT_PRELOAD,
                  log_directory: str | None = None) -> object:
     """A SLURMCluster of single-GPU workers (imports dask-jobqueue only when called).
 
     ``gres=""`` asks for no generic resource (CPU-only nodes); the worker then declares no GPU either.
+    ``threads=None``: :data:`volseg_dask.cluster.GPU_WORKER_THREADS` with a GPU, else one per core.
     ``lifetime=None`` keeps workers until their walltime.
     """
     from dask_jobqueue import SLURMCluster
 
-    worker_args = ["--nthreads", str(threads)]  # one task at a time per GPU
+    from volseg_dask.cluster import GPU_WORKER_THREADS
+
+    if threads is None:
+        threads = GPU_WORKER_THREADS if "gpu" in gres else cores
+    worker_args = ["--nthreads", str(threads)]
     for module in preload:
         worker_args += ["--preload", module]
     if "gpu" in gres:
@@ -85,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     jobs.add_argument("--memory", default="32GB", help="memory per job")
     jobs.add_argument("--cores", type=int, default=8, help="CPU cores per job")
     jobs.add_argument("--gres", default="gpu:1", help="generic resources per job; \"\" for CPU-only nodes")
-    jobs.add_argument("--threads", type=int, default=1, help="dask threads per worker (1 per GPU)")
+    jobs.add_argument("--threads", type=int, default=None,
+                      help="dask threads per worker (default: 4 with a GPU, around its device thread; else --cores)")
     jobs.add_argument("--lifetime", default="55m", help="retire a worker after this long; \"\" never")
     jobs.add_argument("--lifetime-stagger", default="4m", help="spread the retirements by up to this much")
     jobs.add_argument("--python", default=None, help="Python the jobs run (default: this interpreter)")
@@ -99,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pred.add_argument("--device", default="cuda", help="cuda, cpu, ...")
     pred.add_argument("--chunks", type=int, default=256, help="block edge (voxels)")
     pred.add_argument("--halo", type=int, default=None, help="in-plane context per block (default: settings)")
-    pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument("--batch-size", default="auto", help="planes per forward pass; auto: from the GPU's free memory")
     return parser.parse_args(argv)
 
 
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> vs.prediction.PredictResult:
 
     cluster = make_cluster(**cluster_options(args))
     settings = vs.load_settings(args.settings, overrides={
-        "predict.chunks": [args.chunks] * 3, "predict.halo": args.halo, "predict.batch_size": args.batch_size,
+        "predict.chunks": [args.chunks] * 3, "predict.halo": args.halo, "predict.batch_size": args.batch_size if args.batch_size == "auto" else int(args.batch_size),
         "predict.device": args.device,
     })
     with cluster, Client(cluster) as client:  # leaving the block cancels the jobs

@@ -53,7 +53,7 @@ def test_slurm_recipe_asks_for_one_gpu_per_worker():
     finally:
         cluster.close()
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script and "#SBATCH -A proj" in script
-    assert "--resources GPU=1" in script and "--nthreads 1" in script and "--lifetime 55m" in script
+    assert "--resources GPU=1" in script and "--nthreads 4" in script and "--lifetime 55m" in script
 
 
 def test_slurm_recipe_on_cpu_nodes_asks_for_no_gpu():
@@ -66,6 +66,7 @@ def test_slurm_recipe_on_cpu_nodes_asks_for_no_gpu():
     finally:
         cluster.close()
     assert "--gres" not in script and "GPU=1" not in script and "--lifetime" not in script
+    assert "--nthreads 1" in script  # one per core of a CPU-only job
     assert "export PYTHONPATH=/src" in script and "/opt/py -m distributed.cli.dask_worker" in script
 
 

@@ -4,9 +4,11 @@
 it: with a ``distributed.Client`` active (``with Client(...)`` or the CLI's ``--workers`` /
 ``--scheduler``) graphs run there and ``distributed.progress`` shows the bar; otherwise the local
 scheduler runs them under dask's ``ProgressBar``. The library never creates a cluster; only the
-command line does, through :func:`dask_scheduler`. On GPU nodes start one worker per GPU and
-``--resources GPU=1`` (``dask worker ADDRESS --nworkers 1 --resources GPU=1`` with
-``CUDA_VISIBLE_DEVICES`` set, or ``dask-cuda-worker``); prediction then asks for ``GPU=1`` per task.
+command line does, through :func:`dask_scheduler`. On GPU nodes start one worker per GPU with
+``--resources GPU=1`` and :data:`GPU_WORKER_THREADS` threads (``dask worker ADDRESS --nworkers 1
+--nthreads 4 --resources GPU=1`` with ``CUDA_VISIBLE_DEVICES`` set, or ``dask-cuda-worker``); each
+prediction task then asks for the worker's ``GPU`` divided by its threads (see
+``prediction.run``).
 """
 
 from __future__ import annotations
