@@ -7,7 +7,8 @@ Each SLURM job is one dask worker process with one GPU (``--gres=gpu:1``) and fo
 decode, encode and write blocks while the worker's one device thread keeps the GPU busy (the simulated
 device of ``benchmarks/bench_pipeline.py`` was busy 60 % of the time with one thread, over 90 % with two
 or four; a real GPU outruns one CPU thread by far more). The worker declares ``--resources GPU=1``; each
-task asks for a share of it, so the GPU's blocks go through one queue and it never computes two at once. ``--lifetime`` with ``--lifetime-stagger`` retires workers
+task asks for a share of it, so the GPU's blocks go through one queue and it never computes two at once.
+``--lifetime`` with ``--lifetime-stagger`` retires workers
 before the walltime kills them; ``adapt`` starts replacements (and replaces a job that was cancelled
 or died). A job killed anyway loses only the block it was on: every finished block is on disk, and
 rerunning this script (or ``volseg predict ... --scheduler ADDRESS``) with the same arguments
@@ -127,8 +128,9 @@ def main(argv: list[str] | None = None) -> vs.prediction.PredictResult:
     from distributed import Client
 
     cluster = make_cluster(**cluster_options(args))
+    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     settings = vs.load_settings(args.settings, overrides={
-        "predict.chunks": [args.chunks] * 3, "predict.halo": args.halo, "predict.batch_size": args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+        "predict.chunks": [args.chunks] * 3, "predict.halo": args.halo, "predict.batch_size": batch,
         "predict.device": args.device,
     })
     with cluster, Client(cluster) as client:  # leaving the block cancels the jobs
