@@ -4,9 +4,8 @@
     python examples/slurm_predict.py /data/big.zarr model.pt /scratch/seg.zarr --jobs 8
 
 Each SLURM job is one dask worker process with one GPU (``--gres=gpu:1``) and four threads: they read,
-decode, encode and write blocks while the worker's one device thread keeps the GPU busy (the simulated
-device of ``benchmarks/bench_pipeline.py`` was busy 60 % of the time with one thread, over 90 % with two
-or four; a real GPU outruns one CPU thread by far more). The worker declares ``--resources GPU=1``; each
+decode, encode and write blocks while the worker's one device thread keeps the GPU busy (why four:
+``benchmarks/README.md``, ``bench_pipeline.py``). The worker declares ``--resources GPU=1``; each
 task asks for a share of it, so the GPU's blocks go through one queue and it never computes two at once.
 ``--lifetime`` with ``--lifetime-stagger`` retires workers
 before the walltime kills them; ``adapt`` starts replacements (and replaces a job that was cancelled
@@ -54,12 +53,13 @@ def make_cluster(queue: str = "gpu", account: str | None = None, walltime: str =
 
     from volseg_dask.cluster import GPU_WORKER_THREADS
 
+    gpu = "gpu" in gres
     if threads is None:
-        threads = GPU_WORKER_THREADS if "gpu" in gres else cores
+        threads = GPU_WORKER_THREADS if gpu else cores
     worker_args = ["--nthreads", str(threads)]
     for module in preload:
         worker_args += ["--preload", module]
-    if "gpu" in gres:
+    if gpu:
         worker_args += ["--resources", "GPU=1"]
     if lifetime:
         # leave gracefully (handing on its results) before the walltime ends; adapt() starts a replacement
