@@ -170,10 +170,12 @@ def test_torchrun_two_processes_train_one_model(data, tmp_path):
         assert sorted(by_rank) == [0, 1] and len(by_rank[0]) == len(by_rank[1]) == SLICES // 2
         assert not by_rank[0] & by_rank[1], (epoch, by_rank)
         assert by_rank[0] | by_rank[1] == set(range(epoch * SLICES, (epoch + 1) * SLICES))
-    # as good as one process with the same slices, on a volume neither saw
+    # as good as one process with the same slices, on a volume neither saw. Not equal to it: each rank's batch
+    # norm sees its own 4 planes, not 8 (measured, one process vs two ranks: 0.918 vs 0.908 on one machine,
+    # 0.892 vs 0.920 on a fresh clone), so the claim is one-sided
     test_image, test_labels = make_volume((24, 48, 48), seed=8)
     d_one, d_two = held_out_dice(one, test_image, test_labels), held_out_dice(out, test_image, test_labels)
-    assert d_one > 0.8 and abs(d_one - d_two) <= 0.02, (d_one, d_two)
+    assert d_one > 0.8 and d_two >= d_one - 0.02, (d_one, d_two)
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:
