@@ -50,6 +50,21 @@ def test_cli_local_cluster_equals_threads(vol, tiny_model, threaded, tmp_path):
     _assert_same(tmp_path / "c.zarr", threaded)
 
 
+def test_local_cluster_workers_keep_glibc_dynamic_mmap_threshold():
+    """distributed's MALLOC_TRIM_THRESHOLD_ is dropped from the workers we start (the rest of its set-up stays),
+    and the user's own dask config is untouched afterwards."""
+    import os
+
+    import dask
+
+    from volseg_dask.cluster import dask_scheduler
+
+    with dask_scheduler(workers=1) as client:
+        env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    assert list(env.values()) == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}]
+    assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") == 65536
+
+
 def test_cli_on_an_existing_scheduler_equals_threads(vol, tiny_model, threaded, tmp_path):
     """`volseg predict --scheduler ADDRESS` against a real cluster of 2 worker processes started here."""
     from distributed import Client, LocalCluster

@@ -30,13 +30,12 @@ from volseg_dask.errors import (
 from volseg_dask.grid import BlockGrid, coarse_shape
 from volseg_dask.io import open_volume
 from volseg_dask.models import ModelMeta, load_model, read_model_file, save_model
-from volseg_dask.outputs import create_array, mark_complete, set_status, status
+from volseg_dask.outputs import create_array, file_sha256, mark_complete, set_status, status
 from volseg_dask.prediction import merge, predict
 from volseg_dask.prediction.fusion import WEIGHT_BUDGET, Fusion, fuse_block, fused_logits, pad_edge
 from volseg_dask.prediction.fusion_fit import fit_fusion, fit_fusion_on_volume
 from volseg_dask.prediction.fusion_samples import sample_voxels
 from volseg_dask.prediction.merging import write_merged
-from volseg_dask.prediction.plan import file_digest
 from volseg_dask.prediction.upsample import upsample_region
 from volseg_dask.prediction.votes import merge_block
 from volseg_dask.synthetic import write_demo_data
@@ -217,7 +216,7 @@ def test_fit_writes_the_network_plus_fusion_and_predicting_with_it_is_the_learne
     fused_path, fit = world["fused"][kind], world["fits"][kind]
     _, meta = read_model_file(fused_path)
     assert meta.fusion is not None and meta.fusion.kind == kind
-    assert meta.fusion.network_sha256 == file_digest(world["model"]) != file_digest(fused_path)
+    assert meta.fusion.network_sha256 == file_sha256(world["model"]) != file_sha256(fused_path)
     assert meta.fusion.fit["samples"] == sum(meta.fusion.fit["samples_per_class"]) <= 6000
     assert meta.fusion.fit["seed"] == 0
     assert fit.accuracy["learned"] >= fit.accuracy["mean"] - 0.01 and fit.seconds > 0

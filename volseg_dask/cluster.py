@@ -27,7 +27,7 @@ from .errors import ConfigError, VolsegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GPU_WORKER_THREADS", "active_client", "compute", "dask_scheduler"]
+__all__ = ["GPU_WORKER_THREADS", "WORKER_CONFIG", "active_client", "compute", "dask_scheduler"]
 
 GPU_WORKER_THREADS = 4
 """Threads of a GPU worker that ``--workers N --device cuda`` starts: they read and write blocks around the
@@ -43,6 +43,15 @@ def active_client() -> Any | None:
     scheduler = dask.base.get_scheduler()
     owner = getattr(scheduler, "__self__", None)
     return owner if isinstance(owner, Client) else None
+
+
+WORKER_CONFIG: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+"""dask config for the workers of the clusters ``--workers N`` starts: without distributed's default
+``MALLOC_TRIM_THRESHOLD_=65536`` (which also fixes glibc's mmap threshold, so every buffer of a block is a
+fresh zero-filled mmap) a worker's host side does the same blocks in 0.70× the time (``bench_pipeline.py``,
+as fast as the local scheduler); the block tasks hand free memory back with ``malloc_trim`` themselves
+(:mod:`volseg_dask.memory`). For workers started by hand or by dask-jobqueue, set it in their dask config
+(README, "GPU nodes")."""
 
 
 def compute(*collections: Any, progress: bool | str = False, label: str = "tasks", **kwargs: Any) -> tuple[Any, ...]:
@@ -161,8 +170,9 @@ def dask_scheduler(workers: int | None = None, address: str | None = None, *, th
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: {workers} must be at least 1")
     extra: dict[str, Any] = {"resources": {"GPU": 1}} if gpus else {}
-    with LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                      memory_limit=memory_limit, dashboard_address=":0", **extra) as cluster, Client(cluster) as client:
+    with dask.config.set(WORKER_CONFIG), LocalCluster(
+            n_workers=workers, threads_per_worker=threads_per_worker, processes=True, memory_limit=memory_limit,
+            dashboard_address=":0", **extra) as cluster, Client(cluster) as client:
         echo(f"started a local cluster of {workers} worker process(es) x {threads_per_worker} thread(s)"
              f"{', one GPU each' if gpus else ''}; dashboard: {client.dashboard_link}")
         yield client

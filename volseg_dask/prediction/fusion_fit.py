@@ -32,11 +32,11 @@ from ..config import Settings
 from ..errors import ConfigError, ModelFileError, VolumeFormatError
 from ..io.volume import open_volume
 from ..models import model_from_meta, read_model_file, save_model
-from ..outputs import OutputLock, check_output_path, now
+from ..outputs import OutputLock, check_output_path, file_sha256, now
 from .fusion import KINDS, Fusion, fused_logits, prediction_network
 from .fusion_samples import Samples, sample_voxels
 from .merging import open_prediction
-from .plan import file_digest, network_digest, predict_settings
+from .plan import network_digest, predict_settings
 from .run import predict
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ def fit_fusion(
     check_output_path(out, overwrite)
     state, meta = read_model_file(model)
     _, info, axes, grid = open_prediction(pred)
-    network = network_digest(meta, file_digest(model))
+    network = network_digest(meta, file_sha256(model))
     made_by = prediction_network(info)
     if made_by != network:
         raise ModelFileError(f"{pred}: its per-axis probabilities come from another network (sha256 "

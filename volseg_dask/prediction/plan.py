@@ -24,13 +24,14 @@ from ..io.reader import split_key
 from ..io.volume import open_volume
 from ..models import ModelMeta, read_model_file
 from ..normalize import Normalization, compute_normalization
+from ..outputs import file_sha256
 from ..resample import downsample_array
 from .fusion import LEARNED, Fusion, check_fusion
 from .inference import AXES, SlabSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "Plan", "file_digest", "network_digest", "plan_prediction", "predict_settings", "resolve_merge",
+__all__ = ["AUTO", "Plan", "network_digest", "plan_prediction", "predict_settings", "resolve_merge",
            "rotations_of", "slab_spec"]
 
 
@@ -75,17 +76,9 @@ class Plan:
                                            ("disagreement", s.disagreement)) if on)
 
 
-def file_digest(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(2**20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def network_digest(meta: ModelMeta, file_sha256: str) -> str:
+def network_digest(meta: ModelMeta, sha256: str) -> str:
     """The network of a model file: its fusion's ``network_sha256``, or the file's own sha256 without fusion."""
-    return meta.fusion.network_sha256 if meta.fusion is not None else file_sha256
+    return meta.fusion.network_sha256 if meta.fusion is not None else sha256
 
 
 def _input_fingerprint(path: str) -> dict[str, Any]:
@@ -170,7 +163,7 @@ def plan_prediction(volume: str | os.PathLike[str], model: str | os.PathLike[str
     plan.key_fields = {
         "input": _input_fingerprint(os.fspath(volume)),
         "input_shape": list(grid.native_shape), "input_dtype": str(vol.dtype),
-        "model_sha256": file_digest(model_path),
+        "model_sha256": file_sha256(model_path),
         "chunks": list(grid.native_chunks), "halo": int(ps.halo), "axes": ps.axes, "tta_flips": ps.tta_flips,
         "normalization": norm.to_dict(), "fused": ps.fused,
         "merge": ps.merge if ps.fused else None,
