@@ -27,10 +27,10 @@ Parts (``--parts``):
     threads' work from overlapping on it), set to 70 % of each code's own CPU-side rate in the same set-up
     (planes per second of its ``device``-stubbed run on the same volume, scheduler and threads, measured
     first), so a perfect overlap keeps it busy 100 % of the time; and, as a second row for the new code, the
-    device at 70 % of today's rate (the same device for both). Each set-up is calibrated on its own: on a
-    ``LocalCluster`` the scheduler and the worker's event loop share the 2 cores, so its CPU side is slower
-    than the local scheduler's, and a device calibrated on the local rate would outrun any overlap there;
-    the ratio of the two rates is reported.
+    device at 70 % of today's rate (the same device for both). Each set-up is calibrated on its own: a
+    ``LocalCluster`` worker's CPU side is slower than the local scheduler's (distributed's default
+    ``MALLOC_TRIM_THRESHOLD_``, which the new code's clusters drop; the scheduler on the same cores), and a
+    device calibrated on the local rate would outrun any overlap there; the ratio of the two rates is reported.
     Device-busy fraction = simulated device seconds / wall seconds of the prediction tasks, for: 1 thread
     and ``--threads`` threads on the local scheduler, a ``LocalCluster`` worker with ``--threads`` threads and
     ``resources={"GPU": 1}`` (the GPU-node set-up), and ``--more-threads`` for the new code. The new code
@@ -360,9 +360,9 @@ def main(argv: list[str] | None = None) -> None:
                 if calibration not in setup_rates:
                     continue
                 plane_s = 1.0 / (0.7 * setup_rates[calibration])  # the device at 70 % of a CPU-side rate
-                code = codes["today" if name == "today" else "new"]
-                specs = {**setup_spec, "plane_s": plane_s, **PIPELINE["today" if name == "today" else "new"]}
-                runs = [_run(code, specs) for _ in range(args.repeats)]
+                which = "today" if name == "today" else "new"
+                specs = {**setup_spec, "plane_s": plane_s, **PIPELINE[which]}
+                runs = [_run(codes[which], specs) for _ in range(args.repeats)]
                 row[f"{name}_busy"] = median([r["busy"] for r in runs])
                 row[f"{name}_plane_ms"] = plane_s * 1e3
                 row[f"{name}_runs"] = runs

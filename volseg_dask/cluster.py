@@ -48,10 +48,11 @@ def active_client() -> Any | None:
 WORKER_CONFIG: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 """dask config for the workers of the clusters ``--workers N`` starts: without distributed's default
 ``MALLOC_TRIM_THRESHOLD_=65536`` (which also fixes glibc's mmap threshold, so every buffer of a block is a
-fresh zero-filled mmap) a worker's host side does the same blocks in 0.70× the time (``bench_pipeline.py``,
-as fast as the local scheduler); the block tasks hand free memory back with ``malloc_trim`` themselves
-(:mod:`volseg_dask.memory`). For workers started by hand or by dask-jobqueue, set it in their dask config
-(README, "GPU nodes")."""
+fresh zero-filled mmap) a worker's host side did the same blocks in 0.70-0.75× the time,
+at 0.82× the local scheduler's rate instead of 0.66×
+(``benchmarks/results/bench_pipeline_cluster.json``); the block tasks hand free memory back
+with ``malloc_trim`` themselves (:mod:`volseg_dask.memory`). For workers started by hand or by dask-jobqueue,
+set it in their dask config (README, "Clusters and HPC")."""
 
 
 def compute(*collections: Any, progress: bool | str = False, label: str = "tasks", **kwargs: Any) -> tuple[Any, ...]:
